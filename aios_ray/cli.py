@@ -1,0 +1,109 @@
+"""``aios-ray`` command line. Train flags are generated from the config dataclasses, so the field
+help text is the ``--help`` text and there is one source of truth for names and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aios_ray.config import SECTIONS, Config, load_yaml_config, merge
+from aios_ray.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error; a user error here is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for section, section_cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(section_cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = f"{f.metadata['help']} (default: {default})"
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+            if kind.startswith("bool"):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+                kwargs["metavar"] = f.name.upper()
+            group.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="aios-ray", description="HRM ACTv1 + MoE training on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="train (or resume) a brain bundle",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--config", metavar="NAME_OR_YAML",
+                       help="preset name (configs/NAME.yaml) or a YAML file; flags override it")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a brain bundle on a text file")
+    evaluate.add_argument("--model", required=True, help="brain bundle directory")
+    evaluate.add_argument("--eval-file", required=True, help=".txt, .jsonl or a folder of them")
+    evaluate.add_argument("--eval-batches", type=int, default=16, help="most batches to evaluate (default: 16)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
+    evaluate.add_argument("--ascii-only", action="store_true", help="drop non-ASCII characters")
+    evaluate.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    evaluate.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    base = load_yaml_config(args.config) if args.config else {}
+    flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            flags[section][name] = value
+    return Config.from_dict(merge(base, flags), source="flags")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from aios_ray.train.run import run_training
+
+    cfg = config_from_args(args)
+    plan, summary = run_training(cfg)
+    print(f"done: step {summary.get('step')}"
+          + (f", eval_loss {summary['eval_loss']:.4f} (ppl {summary['ppl']:.2f})" if "eval_loss" in summary else ""))
+    print(f"brain bundle: {plan.bundle_root}")
+    print(f"metrics:      {plan.log_file}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from aios_ray.train.evaluate import evaluate_bundle
+
+    loss, ppl, num_batches = evaluate_bundle(Path(args.model), args.eval_file, args.eval_batches, args.batch_size,
+                                             args.ascii_only, args.amp)
+    print(f"eval_loss={loss:.4f} ppl={ppl:.2f} batches={num_batches}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"aios-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aios-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

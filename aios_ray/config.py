@@ -1,0 +1,271 @@
+"""The single source of truth for every setting: dataclasses, validated in ``__post_init__``.
+
+Precedence when a run is configured: dataclass defaults < ``--config`` YAML file < CLI flags.
+The CLI builds its flags from these fields (``help`` in each field's metadata is the ``--help``
+text), and the resolved config is written into every brain bundle as ``training_args.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aios_ray.errors import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _opt(default: Any, help: str, flag: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field whose metadata carries the CLI help text (and an optional flag name)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the HRM ACTv1 language model (saved as the bundle's ``config.json``)."""
+
+    vocab_size: int = _opt(0, "vocabulary size; 0 means 'take it from the tokenizer'", cli=False)
+    max_seq_len: int = _opt(128, "tokens per training sequence (the model predicts token t+1 from <= t)")
+    hidden_size: int = _opt(128, "width of the residual stream")
+    num_heads: int = _opt(4, "attention heads; must divide --hidden-size")
+    expansion: float = _opt(2.0, "FFN width = expansion * hidden * 2/3 (SwiGLU), rounded up to 32")
+    h_layers: int = _opt(2, "transformer blocks in the slow, high-level (H) module")
+    l_layers: int = _opt(2, "transformer blocks in the fast, low-level (L) module")
+    h_cycles: int = _opt(2, "H updates per ACT segment")
+    l_cycles: int = _opt(2, "L updates per H update")
+    halt_max_steps: int = _opt(2, "most ACT segments per sequence; evaluation always runs all of them")
+    halt_exploration_prob: float = _opt(0.1, "probability that a training sequence gets a random minimum "
+                                             "number of segments (ACT exploration)")
+    halt_epsilon: float = _opt(0.01, "halting reward for text: halting is 'right' when one more segment would "
+                                     "lower the sequence's loss by less than this fraction")
+    one_step_grad: bool = _opt(True, "HRM one-step gradient: all cycles but the last run under no_grad "
+                                     "(--no-one-step-grad backpropagates through every cycle)")
+    rope_theta: float = _opt(10000.0, "RoPE base frequency")
+    use_moe: bool = _opt(True, "sparse Mixture-of-Experts FFNs (--no-moe gives dense SwiGLU FFNs)")
+    num_experts: int = _opt(8, "experts per MoE layer")
+    num_experts_per_tok: int = _opt(2, "experts each token is routed to (top-k)")
+    moe_capacity_factor: float = _opt(1.25, "expert capacity = ceil(factor * tokens * k / experts); "
+                                            "tokens over capacity skip the FFN and are counted as dropped")
+    moe_lb_coef: float = _opt(0.01, "weight of the Switch load-balance loss (summed over every MoE call)")
+    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward to save memory")
+
+    def __post_init__(self) -> None:
+        for name in ("max_seq_len", "hidden_size", "num_heads", "h_layers", "l_layers", "h_cycles",
+                     "l_cycles", "halt_max_steps", "num_experts", "num_experts_per_tok"):
+            _positive(name, getattr(self, name))
+        if self.vocab_size < 0:
+            raise ConfigError(f"vocab_size must be >= 0, got {self.vocab_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"head size {self.hidden_size // self.num_heads} must be even for RoPE")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"--num-experts-per-tok {self.num_experts_per_tok} exceeds "
+                              f"--num-experts {self.num_experts}")
+        _positive("expansion", self.expansion)
+        _positive("moe_capacity_factor", self.moe_capacity_factor)
+        _positive("rope_theta", self.rope_theta)
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise ConfigError(f"--halt-exploration-prob must be in [0, 1], got {self.halt_exploration_prob}")
+        if self.moe_lb_coef < 0:
+            raise ConfigError(f"--moe-lb-coef must be >= 0, got {self.moe_lb_coef}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return _round_up(math.ceil(self.expansion * self.hidden_size * 2 / 3), 32)
+
+
+@dataclass
+class TrainConfig:
+    """Data, optimisation, logging and run control."""
+
+    model: str | None = _opt(None, "brain bundle to resume, or a local Hugging Face tokenizer/model "
+                                   "directory whose tokenizer.json to use")
+    tokenizer: str | None = _opt(None, "tokenizer.json file or a directory holding one; default: train a "
+                                       "byte-level BPE on the training data")
+    tokenizer_vocab_size: int = _opt(4096, "vocabulary size of the BPE trained when no tokenizer is given")
+    dataset_file: str | None = _opt(None, ".txt, .jsonl (a 'text' field per line) or a folder of them; "
+                                          "default: the shipped sample corpus")
+    ascii_only: bool = _opt(False, "drop non-ASCII characters from the training and eval text")
+    eval_file: str | None = _opt(None, "held-out text for evaluation; default: the sample corpus' eval split "
+                                       "when training on the sample corpus, otherwise none")
+    eval_batches: int = _opt(4, "batches per evaluation")
+    eval_interval: int = _opt(50, "optimizer steps between evaluations (also at step 0 and at the end)")
+    steps: int = _opt(100, "optimizer steps to run (per round with --iterate)")
+    batch_size: int = _opt(8, "sequences per micro-batch (per worker)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _opt(0.1, "cosine schedule ends at lr * this")
+    warmup_steps: int = _opt(20, "linear warm-up steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    auto_adjust_lr: bool = _opt(True, "MoE stability: routers learn at lr * 0.1")
+    amp: bool = _opt(False, "bf16 autocast for the forward pass (router and losses stay fp32)")
+    log_file: str | None = _opt(None, "metrics JSONL; default: <bundle>/metrics.jsonl")
+    log_interval: int = _opt(10, "steps between progress lines")
+    expert_usage_interval: int = _opt(50, "steps between expert_usage events in the metrics log")
+    checkpoint_interval: int = _opt(100, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = _opt(2, "newest checkpoints kept under <bundle>/checkpoints")
+    brain_name: str = _opt("default", "name of the brain bundle directory")
+    bundle_dir: str = _opt("artifacts/brains/actv1", "parent directory of brain bundles")
+    iterate: bool = _opt(False, "after --steps, reshuffle and go on, round after round, until the stop file "
+                                "appears")
+    stop_file: str | None = _opt(None, "when this file appears, finish the current step, checkpoint and stop; "
+                                       "default: <bundle>/STOP")
+    seed: int = _opt(0, "seed for initialisation, data order and ACT exploration")
+
+    def __post_init__(self) -> None:
+        for name in ("eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
+                     "expert_usage_interval", "checkpoint_interval", "keep_checkpoints", "tokenizer_vocab_size"):
+            _positive(name, getattr(self, name))
+        for name in ("eval_batches", "warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.tokenizer_vocab_size < 260:
+            raise ConfigError(f"--tokenizer-vocab-size must be >= 260 (256 bytes + specials), "
+                              f"got {self.tokenizer_vocab_size}")
+        _check_name("--brain-name", self.brain_name)
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how wide the job runs on Ray."""
+
+    address: str | None = _opt(None, "Ray cluster address ('auto', 'ray://host:10001'); default: start a "
+                                     "local embedded Ray")
+    num_workers: int = _opt(1, "Ray Train workers; > 1 trains data-parallel (DDP, gloo on CPU, nccl on GPU)")
+    use_gpu: bool = _opt(False, "one GPU per worker")
+    use_ray: bool = _opt(True, "run on Ray Train (--no-ray: the same training function in this process)",
+                         flag="--ray")
+    storage_path: str | None = _opt(None, "Ray Train storage for reported checkpoints; default: "
+                                          "<bundle>/ray_results")
+
+    def __post_init__(self) -> None:
+        _positive("num_workers", self.num_workers)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        sections = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
+        built: dict[str, Any] = {}
+        for name, section_cls in sections.items():
+            values = data.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a mapping")
+            built[name] = build_section(section_cls, values, source)
+        return cls(**built)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig}
+
+
+def build_section(section_cls: type, values: dict[str, Any], source: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in {section_cls.__name__}")
+    coerced = {key: _coerce(names[key], value, source) for key, value in values.items()}
+    return section_cls(**coerced)
+
+
+def load_yaml_config(name_or_path: str) -> dict[str, Any]:
+    """Read a preset name (``configs/NAME.yaml``) or a YAML path into nested section dicts."""
+    path = resolve_preset(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model/train/cluster)")
+    Config.from_dict(data, source=str(path))  # validate early, naming the file
+    return data
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"--config {name_or_path}: no such file")
+        return path
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise ConfigError(f"--config {name_or_path}: unknown preset (known: {', '.join(known)})")
+    return preset
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge: keys in ``override`` win."""
+    merged = {name: dict(base.get(name) or {}) for name in SECTIONS}
+    for name in SECTIONS:
+        merged[name].update(override.get(name) or {})
+    return merged
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    if value is None:
+        return None
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {f.name}={value!r} is not a valid {kind}") from None
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{_flag(name)} must be > 0, got {value}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_name(flag: str, name: str) -> None:
+    """Names become directory names: refuse anything that could escape the parent directory."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ConfigError(f"{flag} {name!r} is not a plain directory name")

@@ -1,0 +1,72 @@
+"""Metrics JSONL (the source of truth for every run) and the human-readable progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed so a crash loses at most one line."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Progress:
+    """A periodic line: step, loss, tokens/s, s/step and ETA for the steps left in this run."""
+
+    def __init__(self, total_steps: int, stream: TextIO = sys.stdout) -> None:
+        self.total_steps = total_steps
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        left = max(self.total_steps - self.done, 0)
+        eta = elapsed / self.done * left
+        line = (f"step {step:>6d} | {self.done}/{self.total_steps} | loss {metrics['train_loss']:.4f} "
+                f"(lm {metrics['lm_loss']:.4f}) | {metrics['tokens_per_sec']:,.0f} tok/s | "
+                f"{metrics['sec_per_step']:.2f} s/step | halt {metrics['mean_halt_steps']:.2f} | "
+                f"lr {metrics['lr']:.2e} | ETA {format_seconds(eta)}")
+        print(line, file=self.stream, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

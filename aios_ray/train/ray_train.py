@@ -1,0 +1,110 @@
+"""Ray Train touch points: the worker context, and the TorchTrainer that runs ``train_worker``.
+
+Labelled as in Ray's own examples: prepare (device, DDP wrap), report (+ checkpoint), trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+
+from aios_ray.config import Config
+from aios_ray.train.loop import RunPlan, TrainData, train_worker
+
+
+class RayTrainContext:
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()  # prepare: the worker's device
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        # prepare: DDP only when there is more than one worker; the model is already on its device.
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        # report: a barrier across workers; only rank 0 attaches the checkpoint directory.
+        plain = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        ray.train.report(plain, checkpoint=Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    def any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1 or not dist.is_initialized():
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Path | None]:
+        """After a worker failure Ray restarts the function; it resumes from the last reported checkpoint."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            print(f"resuming from Ray Train checkpoint {directory}", flush=True)
+            yield Path(directory)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    plan: RunPlan = config["plan"]
+    data: TrainData = ray.get(config["data"])
+    train_worker(plan, data, RayTrainContext())
+
+
+def ensure_ray(address: str | None) -> None:
+    """No --address: start a local embedded Ray. Inside `ray job submit`, 'auto' joins the cluster."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local" if not _inside_ray_job() else None, log_to_driver=True)
+
+
+def _inside_ray_job() -> bool:
+    import os
+
+    return "RAY_JOB_ID" in os.environ or "RAY_ADDRESS" in os.environ
+
+
+def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[str, Any]:
+    cfg: Config = plan.config
+    ensure_ray(cfg.cluster.address)
+    storage = Path(cfg.cluster.storage_path or Path(plan.bundle_root) / "ray_results").resolve()
+    use_gpu = cfg.cluster.use_gpu
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"plan": plan, "data": ray.put(data)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=f"{cfg.train.brain_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    summary = dict(result.metrics or {})
+    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return summary
+
+
+

@@ -1,0 +1,26 @@
+"""Entry point used by the CLI: prepare on the driver, then train locally or on Ray Train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aios_ray.config import Config
+from aios_ray.train.loop import LocalContext, RunPlan, TrainData, train_worker
+from aios_ray.train.prepare import prepare_run
+
+
+def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
+    plan, data = prepare_run(cfg)
+    print(f"data: {len(data.train_tokens):,} training tokens"
+          + (f", {len(data.eval_tokens):,} eval tokens" if data.eval_tokens is not None else "")
+          + f"; vocabulary {plan.config.model.vocab_size}; bundle {plan.bundle_root}", flush=True)
+    summary = run_plan(plan, data)
+    return plan, summary
+
+
+def run_plan(plan: RunPlan, data: TrainData) -> dict[str, Any]:
+    if not plan.config.cluster.use_ray:
+        return train_worker(plan, data, LocalContext(plan.config.cluster.use_gpu))
+    from aios_ray.train.ray_train import fit_on_ray  # Ray is imported only when it is used
+
+    return fit_on_ray(plan, data)
