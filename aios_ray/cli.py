@@ -31,9 +31,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = f"{f.metadata['help']} (default: {default})"
-            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                                      "help": help_text}
             if kind.startswith("bool"):
-                kwargs["action"] = argparse.BooleanOptionalAction
+                negative = f.metadata.get("negative") or "--no-" + flag[2:]
+                group.add_argument(flag, action="store_const", const=True, **kwargs)
+                kwargs["help"] = f"turn {flag} off"
+                group.add_argument(negative, action="store_const", const=False, **kwargs)
+                continue
             else:
                 kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
                 kwargs["metavar"] = f.name.upper()

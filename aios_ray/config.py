@@ -20,9 +20,9 @@ from aios_ray.errors import ConfigError
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _opt(default: Any, help: str, flag: str | None = None, cli: bool = True) -> Any:
-    """A dataclass field whose metadata carries the CLI help text (and an optional flag name)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+def _opt(default: Any, help: str, flag: str | None = None, cli: bool = True, negative: str | None = None) -> Any:
+    """A dataclass field whose metadata carries the CLI help text (and optional flag names)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "negative": negative})
 
 
 @dataclass
@@ -46,7 +46,8 @@ class ModelConfig:
     one_step_grad: bool = _opt(True, "HRM one-step gradient: all cycles but the last run under no_grad "
                                      "(--no-one-step-grad backpropagates through every cycle)")
     rope_theta: float = _opt(10000.0, "RoPE base frequency")
-    use_moe: bool = _opt(True, "sparse Mixture-of-Experts FFNs (--no-moe gives dense SwiGLU FFNs)")
+    use_moe: bool = _opt(True, "sparse Mixture-of-Experts FFNs (--no-moe gives dense SwiGLU FFNs)",
+                         negative="--no-moe")
     num_experts: int = _opt(8, "experts per MoE layer")
     num_experts_per_tok: int = _opt(2, "experts each token is routed to (top-k)")
     moe_capacity_factor: float = _opt(1.25, "expert capacity = ceil(factor * tokens * k / experts); "

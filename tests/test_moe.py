@@ -1,0 +1,111 @@
+"""MoE layer: fast path vs the looped reference, dense equivalence, drops, balance loss by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aios_ray.model.moe import MoEFeedForward, dense_equivalent
+
+
+def _pair(hidden: int, ffn: int, experts: int, k: int, factor: float) -> tuple[MoEFeedForward, MoEFeedForward]:
+    torch.manual_seed(0)
+    fast = MoEFeedForward(hidden, ffn, experts, k, factor, impl="fast")
+    ref = MoEFeedForward(hidden, ffn, experts, k, factor, impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _run(layer: MoEFeedForward, x: torch.Tensor, grad_out: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out, stats = layer(x)
+    (out * grad_out).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return out.detach(), x.grad, grads, stats
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "ffn", "experts", "k", "factor"),
+    [
+        (64, 16, 32, 4, 2, 1.25),  # default-like, a few drops
+        (64, 16, 32, 4, 2, 0.5),  # heavy drops
+        (50, 8, 16, 8, 1, 1.0),  # top-1
+        (30, 8, 16, 1, 1, 1.0),  # a single expert
+        (7, 8, 16, 16, 2, 2.0),  # more experts than tokens: some get none
+    ],
+)
+def test_fast_path_equals_reference_outputs_and_grads(tokens, hidden, ffn, experts, k, factor):
+    fast, ref = _pair(hidden, ffn, experts, k, factor)
+    x = torch.randn(2, tokens // 2 if tokens % 2 == 0 else tokens, hidden)
+    grad_out = torch.randn_like(x)
+    out_f, gx_f, grads_f, stats_f = _run(fast, x, grad_out)
+    out_r, gx_r, grads_r, stats_r = _run(ref, x, grad_out)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_f, gx_r, atol=1e-5, rtol=1e-5)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert stats_f.num_dropped == stats_r.num_dropped
+    assert torch.equal(stats_f.token_counts, stats_r.token_counts)
+
+
+def test_one_expert_moe_equals_dense_swiglu():
+    torch.manual_seed(1)
+    moe = MoEFeedForward(16, 32, num_experts=1, top_k=1, capacity_factor=1.0)
+    dense = dense_equivalent(moe)
+    x = torch.randn(3, 10, 16)
+    grad_out = torch.randn_like(x)
+    out_m, gx_m, grads_m, stats = _run(moe, x, grad_out)
+    xd = x.clone().requires_grad_(True)
+    out_d = dense(xd)
+    (out_d * grad_out).sum().backward()
+    torch.testing.assert_close(out_m, out_d.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_m, xd.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads_m["w_gate_up"][0], dense.gate_up.weight.grad.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads_m["w_down"][0], dense.down.weight.grad.t(), atol=1e-5, rtol=1e-5)
+    assert stats.num_dropped == 0
+
+
+def test_drops_are_counted_and_pass_nothing_through():
+    """Every token prefers expert 0; capacity ceil(1.0 * 12 * 1 / 4) = 3 keeps the first 3 tokens only."""
+    layer = MoEFeedForward(4, 8, num_experts=4, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0
+    x = torch.zeros(12, 4)
+    x[:, 0] = 1.0
+    x[:, 1:] = torch.randn(12, 3)
+    out, stats = layer(x)
+    assert layer.capacity(12) == 3
+    assert stats.num_dropped == 9
+    assert stats.token_counts.tolist() == [12, 0, 0, 0]
+    assert torch.all(out[3:] == 0)  # dropped tokens: the FFN adds nothing (the residual carries them)
+    assert torch.all(out[:3].abs().sum(-1) > 0)
+
+
+def test_load_balance_loss_matches_hand_computation():
+    """3 tokens, 2 experts, top-1. Probabilities (0.75, 0.25), (0.75, 0.25), (0.25, 0.75):
+    f = (2/3, 1/3), P = (7/12, 5/12), loss = 2 * (2/3 * 7/12 + 1/3 * 5/12) = 19/18."""
+    layer = MoEFeedForward(2, 4, num_experts=2, top_k=1, capacity_factor=2.0)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2))
+    ln3 = math.log(3.0)
+    x = torch.tensor([[ln3, 0.0], [ln3, 0.0], [0.0, ln3]])
+    _, stats = layer(x)
+    assert stats.lb_loss.item() == pytest.approx(19 / 18, rel=1e-6)
+    # A uniform router scores exactly 1.0 whatever it picks.
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    _, stats = layer(x)
+    assert stats.lb_loss.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    layer = MoEFeedForward(16, 32, 4, 2, 1.25)
+    x = torch.randn(20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.route(x)
+        out, _ = layer(x)
+    assert routing.probs.dtype == torch.float32
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
