@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,12 @@ class MoEFeedForward(nn.Module):
 
     def _within_capacity(self, top_i: torch.Tensor, capacity: int) -> torch.Tensor:
         """First choices are served before second choices; within a choice rank, earlier tokens first."""
-        slot_major = top_i.t().reshape(-1)  # (k*N,)
-        one_hot = F.one_hot(slot_major, self.num_experts)  # (k*N, E)
-        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of the assignment in its expert
+        slot_major = top_i.t().reshape(-1)  # (k*N,) in serving priority order
+        order = torch.argsort(slot_major, stable=True)  # grouped by expert, priority order kept within a group
+        counts = torch.bincount(slot_major, minlength=self.num_experts)
+        group_start = counts.cumsum(0) - counts
+        rank_sorted = torch.arange(order.numel(), device=top_i.device) - group_start[slot_major[order]]
+        position = torch.empty_like(order).scatter_(0, order, rank_sorted)  # rank of the assignment in its expert
         return (position < capacity).view(self.top_k, -1).t()
 
     def load_balance_loss(self, routing: Routing) -> torch.Tensor:
@@ -121,31 +125,131 @@ class MoEFeedForward(nn.Module):
         return out
 
     def _experts_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        plan = _DispatchPlan.build(routing, self.num_experts)
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if x.dtype != w_gate_up.dtype:  # autocast does not cover the grouped matmul
+            w_gate_up, w_down = w_gate_up.to(x.dtype), w_down.to(x.dtype)
+        return _ExpertFFN.apply(x, w_gate_up, w_down, routing.combine_weight, plan)
+
+
+@dataclass
+class _DispatchPlan:
+    """Where the kept (token, expert) assignments go: rows sorted by expert, and back.
+
+    Slot s = n * k + j is token n's j-th choice. ``slots`` lists the kept slots grouped by expert; row i of the
+    grouped matmuls is slot ``slots[i]`` of token ``token[i]``; ``row_of_slot[s]`` is the row of slot s (0 for a
+    dropped slot, whose weight is 0: gathering beats scattering on CPU, at the price that a non-finite row 0 would
+    leak into tokens with a dropped slot).
+    """
+
+    token: torch.Tensor  # (M,) int64
+    slots: torch.Tensor  # (M,) int64
+    row_of_slot: torch.Tensor  # (N*k,) int64
+    kept: torch.Tensor  # (N, 1, k) fp32, 1 where kept
+    group_ends: torch.Tensor  # (E,) int32, cumulative kept rows per expert
+
+    @staticmethod
+    def build(routing: Routing, num_experts: int) -> _DispatchPlan:
         num_tokens, k = routing.expert_index.shape
         flat_kept = routing.kept.reshape(-1)
-        expert = routing.expert_index.reshape(-1)[flat_kept]
-        token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)[flat_kept]
-        weight = routing.combine_weight.reshape(-1)[flat_kept]
-        order = torch.argsort(expert, stable=True)
-        token, weight = token[order], weight[order]
-        group_ends = torch.bincount(expert, minlength=self.num_experts).cumsum(0)
-        xs = x[token]  # (M, C) tokens grouped by expert
-        w_gate_up, w_down = self.w_gate_up, self.w_down
-        if xs.dtype != w_gate_up.dtype:  # autocast does not cover the grouped matmul
-            w_gate_up, w_down = w_gate_up.to(xs.dtype), w_down.to(xs.dtype)
-        gate, up = grouped_matmul(xs, w_gate_up, group_ends).chunk(2, dim=-1)
-        y = grouped_matmul(F.silu(gate) * up, w_down, group_ends)  # (M, C)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, y.float() * weight[:, None])
+        key = routing.expert_index.reshape(-1).masked_fill(~flat_kept, num_experts)  # dropped sort last
+        order = torch.argsort(key, stable=True)
+        group_ends = torch.bincount(key, minlength=num_experts + 1)[:num_experts].cumsum(0).to(torch.int32)
+        num_rows = int(group_ends[-1])
+        slots = order[:num_rows]
+        row_of_slot = torch.zeros_like(order).index_copy_(0, slots, torch.arange(num_rows, device=order.device))
+        kept = flat_kept.view(num_tokens, 1, k).float()
+        return _DispatchPlan(slots.div(k, rounding_mode="floor"), slots, row_of_slot, kept, group_ends)
+
+    def combine(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """out[n] = sum_j weight[n, 0, j] * rows[row_of_slot[n*k + j]]: rows (M, C), weight (N, 1, k) -> (N, C)."""
+        num_tokens, _, k = weight.shape
+        if rows.shape[0] == 0:
+            return rows.new_zeros(num_tokens, rows.shape[1], dtype=weight.dtype)
+        gathered = rows.index_select(0, self.row_of_slot).view(num_tokens, k, -1).to(weight.dtype)
+        return torch.bmm(weight, gathered).view(num_tokens, -1)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """SwiGLU experts over grouped rows with a hand-written backward.
+
+    Forward: xs = x[token]; h = xs @ W_gu[e]; a = silu(gate) * up; y = a @ W_down[e]; out = sum_j w_j * y_j.
+    The backward writes d(gate) and d(up) straight into one (M, 2F) buffer (no concatenation), gathers instead of
+    scattering, and computes the combine-weight gradient as a row dot product in the grouped layout.
+    Gradients of dropped slots' combine weights are 0 (those weights are 0 * top_p, so the router gets 0 anyway).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,  # type: ignore[override]
+                combine_weight: torch.Tensor, plan: _DispatchPlan) -> torch.Tensor:
+        ffn = w_down.shape[1]
+        xs = x.index_select(0, plan.token)  # (M, C)
+        h = grouped_matmul(xs, w_gate_up, plan.group_ends)  # (M, 2F)
+        gate, up = h[:, :ffn], h[:, ffn:]
+        silu_gate = F.silu(gate)
+        act = silu_gate * up  # (M, F)
+        y = grouped_matmul(act, w_down, plan.group_ends)  # (M, C)
+        weight = combine_weight.float().view(-1, 1, combine_weight.shape[1])
+        ctx.plan = plan
+        ctx.save_for_backward(xs, w_gate_up, w_down, combine_weight, h, silu_gate, act, y)
+        return plan.combine(y, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        plan: _DispatchPlan = ctx.plan
+        xs, w_gate_up, w_down, combine_weight, h, silu_gate, act, y = ctx.saved_tensors
+        ffn = w_down.shape[1]
+        grad_rows = grad_out.index_select(0, plan.token).to(y.dtype)  # (M, C): d out / d (w * y)
+        row_weight = combine_weight.reshape(-1).index_select(0, plan.slots).to(y.dtype)
+        grad_w_rows = torch.linalg.vecdot(grad_rows, y)  # (M,)
+        grad_y = grad_rows.mul_(row_weight[:, None])
+        grad_w_down = grouped_matmul_weight_grad(act, grad_y, plan.group_ends, w_down.shape)
+        grad_act = grouped_matmul(grad_y, w_down.transpose(1, 2), plan.group_ends)  # (M, F)
+        grad_h = torch.empty_like(h)
+        torch.mul(grad_act, silu_gate, out=grad_h[:, ffn:])
+        grad_act.mul_(h[:, ffn:])  # now d silu(gate)
+        torch.ops.aten.silu_backward.grad_input(grad_act, h[:, :ffn], grad_input=grad_h[:, :ffn])
+        grad_w_gate_up = grouped_matmul_weight_grad(xs, grad_h, plan.group_ends, w_gate_up.shape)
+        grad_xs = grouped_matmul(grad_h, w_gate_up.transpose(1, 2), plan.group_ends)  # (M, C)
+        grad_x = plan.combine(grad_xs, plan.kept.to(grad_xs.dtype)).to(xs.dtype)
+        grad_w = torch.zeros(combine_weight.numel(), dtype=grad_w_rows.dtype, device=grad_w_rows.device)
+        grad_w = grad_w.index_copy_(0, plan.slots, grad_w_rows).view_as(combine_weight).to(combine_weight.dtype)
+        return grad_x, grad_w_gate_up, grad_w_down, grad_w, None  # type: ignore[return-value]
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm exists, takes the dtype, and its CPU kernel's 16-byte stride and alignment rule holds."""
+    if not _grouped_mm_available() or any(t.dtype not in _GROUPED_MM_DTYPES for t in tensors):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride() if st != 1)
+               for t in tensors)
 
 
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """Rows [end_{e-1}, end_e) of x times weights[e]: x (M, K), weights (E, K, N) -> (M, N)."""
-    if _grouped_mm_available() and x.shape[0] > 0:
+    if x.shape[0] > 0 and _grouped_mm_ok(x, weights):
         return torch._grouped_mm(x, weights, offs=group_ends.to(torch.int32))
     ends = group_ends.tolist()
     starts = [0, *ends[:-1]]
     return torch.cat([x[s:e] @ weights[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
+
+
+def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, group_ends: torch.Tensor,
+                               shape: torch.Size) -> torch.Tensor:
+    """Per group e: x[rows_e].T @ grad[rows_e]: x (M, K), grad (M, N) -> (E, K, N); zeros for an empty group."""
+    if x.shape[0] > 0 and _grouped_mm_ok(x, grad):
+        return torch._grouped_mm(x.t(), grad, offs=group_ends.to(torch.int32))
+    out = grad.new_zeros(shape)
+    start = 0
+    for e, end in enumerate(group_ends.tolist()):
+        if end > start:
+            torch.mm(x[start:end].t(), grad[start:end], out=out[e])
+        start = end
+    return out
 
 
 def dense_equivalent(moe: MoEFeedForward) -> SwiGLU:

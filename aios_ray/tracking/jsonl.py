@@ -43,6 +43,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def say(line: str, stream: TextIO | None = None) -> None:
+    """One console line. Not print(): Ray Train patches print() in workers and the line would show twice."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 class Progress:
     """A periodic line: step, loss, tokens/s, s/step and ETA for the steps left in this run."""
 
@@ -61,7 +68,7 @@ class Progress:
                 f"(lm {metrics['lm_loss']:.4f}) | {metrics['tokens_per_sec']:,.0f} tok/s | "
                 f"{metrics['sec_per_step']:.2f} s/step | halt {metrics['mean_halt_steps']:.2f} | "
                 f"lr {metrics['lr']:.2e} | ETA {format_seconds(eta)}")
-        print(line, file=self.stream, flush=True)
+        say(line, self.stream)
 
 
 def format_seconds(seconds: float) -> str:

@@ -25,7 +25,7 @@ from aios_ray.config import Config
 from aios_ray.data.dataset import BlockSampler, SamplerState, eval_batches
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
-from aios_ray.tracking.jsonl import MetricsLog, Progress
+from aios_ray.tracking.jsonl import MetricsLog, Progress, say
 from aios_ray.train.bundle import (
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -207,7 +207,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum * -(-self.cfg.train.batch_size // self.state.micro_batch)
         message = (f"out of memory at step {self.state.step + 1} with micro-batch {old}: retrying with "
                    f"micro-batch {self.state.micro_batch} ({accum} micro-batches per step)")
-        print(f"[rank {self.ctx.rank}] {message}", flush=True)
+        say(f"[rank {self.ctx.rank}] {message}")
         self.log.write("oom", step=self.state.step + 1, old_micro_batch=old,
                        micro_batch=self.state.micro_batch, micro_batches_per_step=accum,
                        error=str(exc).splitlines()[0][:200])
@@ -261,7 +261,7 @@ class Trainer:
         self.log.write("eval", step=self.state.step, **result)
         if self.is_chief:
             self.metadata.setdefault("eval_history", []).append({"step": self.state.step, **result, "time": now()})
-            print(f"eval  step {self.state.step:>6d} | eval_loss {loss:.4f} | ppl {result['ppl']:.2f}", flush=True)
+            say(f"eval  step {self.state.step:>6d} | eval_loss {loss:.4f} | ppl {result['ppl']:.2f}")
         self.last_eval = result
         return result
 
@@ -315,9 +315,9 @@ class Trainer:
             self.metadata.setdefault("created_at", now())
             self.metadata["parameters"] = params
             self.bundle.write_header(asdict(self.cfg.model), self.data.tokenizer_json, self.cfg.to_dict())
-            print(f"model: {params['total']:,} parameters ({params['active_per_token']:,} active per token); "
-                  f"{'resuming at step ' + str(self.state.step) if self.resumed else 'fresh start'}; "
-                  f"{self.ctx.world_size} worker(s) on {self.ctx.device}", flush=True)
+            say(f"model: {params['total']:,} parameters ({params['active_per_token']:,} active per token); "
+                f"{'resuming at step ' + str(self.state.step) if self.resumed else 'fresh start'}; "
+                f"{self.ctx.world_size} worker(s) on {self.ctx.device}")
         self.log.write("run_start", step=self.state.step, resumed=self.resumed, parameters=params,
                        world_size=self.ctx.world_size, config=self.cfg.to_dict(), bundle=self.plan.bundle_root)
         self.model.train()
@@ -327,13 +327,12 @@ class Trainer:
         self.state.round_step = 0
         self.sampler.new_round()
         if self.is_chief:
-            print(f"--iterate: round {self.state.round} begins on a fresh shuffle", flush=True)
+            say(f"--iterate: round {self.state.round} begins on a fresh shuffle")
 
     def _finish(self, stopped: bool, metrics: dict[str, float]) -> dict[str, Any]:
         if stopped and self.is_chief:
             Path(self.plan.stop_file).unlink(missing_ok=True)  # consumed: the next run is not stopped by it
-            print(f"stop file {self.plan.stop_file} found: checkpointed at step {self.state.step} and stopped",
-                  flush=True)
+            say(f"stop file {self.plan.stop_file} found: checkpointed at step {self.state.step} and stopped")
         self.log.write("run_end", step=self.state.step, stopped=stopped, **self.last_eval)
         self.log.close()
         return {"step": self.state.step, "stopped": stopped, **metrics, **self.last_eval}

@@ -21,6 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from aios_ray.config import Config
+from aios_ray.tracking.jsonl import say
 from aios_ray.train.loop import RunPlan, TrainData, train_worker
 
 
@@ -57,7 +58,7 @@ class RayTrainContext:
             yield None
             return
         with checkpoint.as_directory() as directory:
-            print(f"resuming from Ray Train checkpoint {directory}", flush=True)
+            say(f"resuming from Ray Train checkpoint {directory}")
             yield Path(directory)
 
 
