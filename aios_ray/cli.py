@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ascii-only", action="store_true", help="drop non-ASCII characters")
     evaluate.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
     evaluate.set_defaults(func=_cmd_eval)
+
+    plot = commands.add_parser("plot", help="render a metrics JSONL to PNG (losses, halting, expert usage)")
+    plot.add_argument("--log-file", required=True, help="metrics JSONL written by train")
+    plot.add_argument("--out", help="PNG path (default: next to the log file, .png)")
+    plot.set_defaults(func=_cmd_plot)
     return parser
 
 
@@ -95,6 +100,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loss, ppl, num_batches = evaluate_bundle(Path(args.model), args.eval_file, args.eval_batches, args.batch_size,
                                              args.ascii_only, args.amp)
     print(f"eval_loss={loss:.4f} ppl={ppl:.2f} batches={num_batches}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from aios_ray.tracking.plots import plot_run
+
+    log_file = Path(args.log_file)
+    out = plot_run(log_file, Path(args.out) if args.out else log_file.with_suffix(".png"))
+    print(f"plot: {out}")
     return 0
 
 

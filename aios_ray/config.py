@@ -43,6 +43,9 @@ class ModelConfig:
                                              "number of segments (ACT exploration)")
     halt_epsilon: float = _opt(0.01, "halting reward for text: halting is 'right' when one more segment would "
                                      "lower the sequence's loss by less than this fraction")
+    q_continue_discount: float = _opt(0.9, "continuing costs: the Q-continue target is this times the next "
+                                            "segment's best Q value, so where stopping now and later end "
+                                            "equally well, halting wins")
     one_step_grad: bool = _opt(True, "HRM one-step gradient: all cycles but the last run under no_grad "
                                      "(--no-one-step-grad backpropagates through every cycle)")
     rope_theta: float = _opt(10000.0, "RoPE base frequency")
@@ -73,6 +76,8 @@ class ModelConfig:
         _positive("rope_theta", self.rope_theta)
         if not 0.0 <= self.halt_exploration_prob <= 1.0:
             raise ConfigError(f"--halt-exploration-prob must be in [0, 1], got {self.halt_exploration_prob}")
+        if not 0.0 < self.q_continue_discount <= 1.0:
+            raise ConfigError(f"--q-continue-discount must be in (0, 1], got {self.q_continue_discount}")
         if self.moe_lb_coef < 0:
             raise ConfigError(f"--moe-lb-coef must be >= 0, got {self.moe_lb_coef}")
 

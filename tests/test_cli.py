@@ -89,3 +89,12 @@ def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "aios_ray", "train", "--top-k", "3"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_plot_renders_a_png(trained_bundle: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run.png"
+    code, _, _ = _run(["plot", "--log-file", str(trained_bundle / "metrics.jsonl"), "--out", str(out)], capsys)
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    code, _, err = _run(["plot", "--log-file", str(tmp_path / "bad.jsonl")], capsys)
+    assert code == 2 and "bad.jsonl" in err and err.count("\n") == 1

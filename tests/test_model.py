@@ -190,3 +190,25 @@ def test_bf16_autocast_forward_backward_is_finite():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _late_mean_halt_steps(epsilon: float, steps: int = 40) -> float:
+    model = _model(halt_epsilon=epsilon, halt_exploration_prob=0.0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    halts = []
+    for step in range(steps):
+        out = model(*_batch(seed=step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        halts.append(out.halt_steps.mean().item())
+    return sum(halts[-10:]) / 10
+
+
+def test_mean_halt_steps_responds_to_the_halting_reward():
+    """halt_epsilon large: halting is always 'right' -> the Q-head learns to stop after one segment.
+    Negative: halting is never right -> sequences keep running segments."""
+    always_halt = _late_mean_halt_steps(10.0)
+    never_halt = _late_mean_halt_steps(-10.0)
+    assert always_halt < 1.5
+    assert never_halt > always_halt + 0.5

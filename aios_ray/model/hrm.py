@@ -10,7 +10,9 @@ Halting reward for text: "whole answer exactly right", HRM's puzzle reward, is a
 for text and would teach the Q-head never to halt. Here halting after a segment is *right* when
 one more segment would lower the sequence's next-token loss by less than ``halt_epsilon`` of it
 (thinking more would not help). The continue value is bootstrapped from the next segment's Q
-values as in HRM. Larger ``halt_epsilon`` -> earlier halting -> fewer ``mean_halt_steps``.
+values as in HRM, times ``q_continue_discount`` < 1: without that cost, "halt now" and "halt
+next time" are worth the same whenever halting is right, and the Q-head cannot choose.
+Larger ``halt_epsilon`` -> earlier halting -> fewer ``mean_halt_steps`` (tested).
 
 Shapes: B batch, T time, C hidden size, V vocabulary.
 """
@@ -234,7 +236,8 @@ class HRMACTv1(nn.Module):
             next_ce = sequence_ce(nxt.logits.detach(), labels)
             halt_target = ((ce - next_ce) < self.cfg.halt_epsilon * ce).float()
             nq_halt, nq_cont = nxt.q_halt.detach(), nxt.q_continue.detach()
-            continue_target = torch.sigmoid(nq_halt if is_last else torch.maximum(nq_halt, nq_cont))
+            best_next = torch.sigmoid(nq_halt if is_last else torch.maximum(nq_halt, nq_cont))
+            continue_target = self.cfg.q_continue_discount * best_next
         bce: Callable = F.binary_cross_entropy_with_logits
         return bce(seg.q_halt, halt_target, reduction="none") + bce(seg.q_continue, continue_target,
                                                                     reduction="none")
