@@ -4,7 +4,7 @@ Two implementations of the expert computation share one router:
 - ``reference``: every expert runs on every token and is weighted by its combine weight (zero
   for tokens not routed to it or dropped). Slow and obviously right: it is the oracle in tests.
 - ``fast``: kept (token, expert) assignments are sorted by expert and run as one grouped matmul
-  per projection, then scattered back with their weights.
+  per projection (hand-written backward), then gathered back per token with their weights.
 
 Shapes: N tokens, C hidden size, F expert FFN size, E experts, k experts per token.
 """
@@ -79,14 +79,17 @@ class MoEFeedForward(nn.Module):
         return Routing(top_i, top_p * kept, kept, probs, capacity)
 
     def _within_capacity(self, top_i: torch.Tensor, capacity: int) -> torch.Tensor:
-        """First choices are served before second choices; within a choice rank, earlier tokens first."""
-        slot_major = top_i.t().reshape(-1)  # (k*N,) in serving priority order
-        order = torch.argsort(slot_major, stable=True)  # grouped by expert, priority order kept within a group
-        counts = torch.bincount(slot_major, minlength=self.num_experts)
+        """Assignments are served in token order (a token's choices best first). Why not all first choices
+        before any second choice (Switch/GShard style): then a later token's first choice could push an
+        earlier token's second choice over capacity, and the output at position t would depend on tokens
+        after t, a causal leak. Token order makes an assignment's fate depend only on earlier tokens."""
+        token_major = top_i.reshape(-1)  # (N*k,) in serving priority order
+        order = torch.argsort(token_major, stable=True)  # grouped by expert, priority order kept within a group
+        counts = torch.bincount(token_major, minlength=self.num_experts)
         group_start = counts.cumsum(0) - counts
-        rank_sorted = torch.arange(order.numel(), device=top_i.device) - group_start[slot_major[order]]
+        rank_sorted = torch.arange(order.numel(), device=top_i.device) - group_start[token_major[order]]
         position = torch.empty_like(order).scatter_(0, order, rank_sorted)  # rank of the assignment in its expert
-        return (position < capacity).view(self.top_k, -1).t()
+        return (position < capacity).view_as(top_i)
 
     def load_balance_loss(self, routing: Routing) -> torch.Tensor:
         """Switch loss E * sum_e f_e * P_e; f_e = share of assignments to e (before capacity), P_e = mean prob.
@@ -136,21 +139,21 @@ class MoEFeedForward(nn.Module):
 class _DispatchPlan:
     """Where the kept (token, expert) assignments go: rows sorted by expert, and back.
 
-    Slot s = n * k + j is token n's j-th choice. ``slots`` lists the kept slots grouped by expert; row i of the
-    grouped matmuls is slot ``slots[i]`` of token ``token[i]``; ``row_of_slot[s]`` is the row of slot s (0 for a
-    dropped slot, whose weight is 0: gathering beats scattering on CPU, at the price that a non-finite row 0 would
-    leak into tokens with a dropped slot).
+    Slot s = n * k + j is token n's j-th choice. ``token`` lists, per row of the grouped matmuls, the token whose
+    kept slot ``slots[i]`` it is, rows grouped by expert; ``row_of_slot[s]`` is the row of slot s. A dropped slot
+    points at row 0 and is weighted 0: gathering is faster than scattering on CPU, at the price that a non-finite
+    row 0 would leak into the tokens that have a dropped slot.
     """
 
     token: torch.Tensor  # (M,) int64
     slots: torch.Tensor  # (M,) int64
     row_of_slot: torch.Tensor  # (N*k,) int64
-    kept: torch.Tensor  # (N, 1, k) fp32, 1 where kept
+    kept: torch.Tensor  # (N, k) bool
     group_ends: torch.Tensor  # (E,) int32, cumulative kept rows per expert
 
     @staticmethod
     def build(routing: Routing, num_experts: int) -> _DispatchPlan:
-        num_tokens, k = routing.expert_index.shape
+        k = routing.expert_index.shape[1]
         flat_kept = routing.kept.reshape(-1)
         key = routing.expert_index.reshape(-1).masked_fill(~flat_kept, num_experts)  # dropped sort last
         order = torch.argsort(key, stable=True)
@@ -158,64 +161,85 @@ class _DispatchPlan:
         num_rows = int(group_ends[-1])
         slots = order[:num_rows]
         row_of_slot = torch.zeros_like(order).index_copy_(0, slots, torch.arange(num_rows, device=order.device))
-        kept = flat_kept.view(num_tokens, 1, k).float()
-        return _DispatchPlan(slots.div(k, rounding_mode="floor"), slots, row_of_slot, kept, group_ends)
+        token = slots.div(k, rounding_mode="floor")
+        return _DispatchPlan(token, slots, row_of_slot, routing.kept, group_ends)
 
-    def combine(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """out[n] = sum_j weight[n, 0, j] * rows[row_of_slot[n*k + j]]: rows (M, C), weight (N, 1, k) -> (N, C)."""
-        num_tokens, _, k = weight.shape
+    def to_slots(self, rows: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, C) rows in expert order -> (N, k, C), the row of each slot (row 0 for a dropped one)."""
+        num_tokens, k = self.kept.shape
         if rows.shape[0] == 0:
-            return rows.new_zeros(num_tokens, rows.shape[1], dtype=weight.dtype)
-        gathered = rows.index_select(0, self.row_of_slot).view(num_tokens, k, -1).to(weight.dtype)
-        return torch.bmm(weight, gathered).view(num_tokens, -1)
+            return rows.new_zeros(num_tokens, k, rows.shape[1])
+        return _gather_rows(rows, self.row_of_slot, buffer).view(num_tokens, k, -1)
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """src[index], written into the first rows of a free (R, C) ``buffer`` when it fits, to spare fresh pages."""
+    fits = buffer is not None and buffer.dtype == src.dtype and buffer.shape[1:] == src.shape[1:]
+    if not fits or buffer.shape[0] < index.shape[0]:
+        return src.index_select(0, index)
+    return torch.index_select(src, 0, index, out=buffer[: index.shape[0]])
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """SwiGLU experts over grouped rows with a hand-written backward.
+    """SwiGLU experts over rows grouped by expert, with a hand-written backward.
 
-    Forward: xs = x[token]; h = xs @ W_gu[e]; a = silu(gate) * up; y = a @ W_down[e]; out = sum_j w_j * y_j.
-    The backward writes d(gate) and d(up) straight into one (M, 2F) buffer (no concatenation), gathers instead of
-    scattering, and computes the combine-weight gradient as a row dot product in the grouped layout.
-    Gradients of dropped slots' combine weights are 0 (those weights are 0 * top_p, so the router gets 0 anyway).
+    Forward: xs = x[token]; h = xs @ W_gu[e]; act = silu(gate) * up; y = act @ W_down[e];
+    out[n] = sum_j w[n, j] * y[row_of_slot[n, j]].
+    Saved: h, act and y per slot (the gathered copy, whose dot with d out is the combine-weight gradient); x is
+    gathered again in the backward. The backward turns h into d h in place, writes gathers into dead buffers and
+    gathers instead of scattering, so it takes few fresh pages (which the kernel must zero: a real cost on CPU).
+    Because it overwrites what it saved, it runs once per forward: autograd's version check refuses a second
+    backward through the same graph (retain_graph).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,  # type: ignore[override]
                 combine_weight: torch.Tensor, plan: _DispatchPlan) -> torch.Tensor:
         ffn = w_down.shape[1]
-        xs = x.index_select(0, plan.token)  # (M, C)
-        h = grouped_matmul(xs, w_gate_up, plan.group_ends)  # (M, 2F)
-        gate, up = h[:, :ffn], h[:, ffn:]
-        silu_gate = F.silu(gate)
-        act = silu_gate * up  # (M, F)
-        y = grouped_matmul(act, w_down, plan.group_ends)  # (M, C)
-        weight = combine_weight.float().view(-1, 1, combine_weight.shape[1])
+        h = grouped_matmul(x.index_select(0, plan.token), w_gate_up, plan.group_ends)  # (M, 2F)
+        act = F.silu(h[:, :ffn]).mul_(h[:, ffn:])  # (M, F)
+        y_slots = plan.to_slots(grouped_matmul(act, w_down, plan.group_ends)).float()  # (N, k, C)
         ctx.plan = plan
-        ctx.save_for_backward(xs, w_gate_up, w_down, combine_weight, h, silu_gate, act, y)
-        return plan.combine(y, weight)
+        ctx.save_for_backward(x, w_gate_up, w_down, combine_weight, h, act, y_slots)
+        return _weighted_slot_sum(y_slots, combine_weight.float())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         plan: _DispatchPlan = ctx.plan
-        xs, w_gate_up, w_down, combine_weight, h, silu_gate, act, y = ctx.saved_tensors
-        ffn = w_down.shape[1]
-        grad_rows = grad_out.index_select(0, plan.token).to(y.dtype)  # (M, C): d out / d (w * y)
-        row_weight = combine_weight.reshape(-1).index_select(0, plan.slots).to(y.dtype)
-        grad_w_rows = torch.linalg.vecdot(grad_rows, y)  # (M,)
-        grad_y = grad_rows.mul_(row_weight[:, None])
+        x, w_gate_up, w_down, combine_weight, h, act, y_slots = ctx.saved_tensors
+        grad_out = grad_out.float()
+        grad_w = torch.bmm(y_slots, grad_out.unsqueeze(2)).view_as(combine_weight).to(combine_weight.dtype)
+        buffer = y_slots.view(-1, y_slots.shape[-1])  # free from here on
+        grad_y = _gather_rows(grad_out.to(h.dtype), plan.token, buffer)  # (M, C)
+        grad_y.mul_(combine_weight.reshape(-1).index_select(0, plan.slots).to(h.dtype)[:, None])
         grad_w_down = grouped_matmul_weight_grad(act, grad_y, plan.group_ends, w_down.shape)
         grad_act = grouped_matmul(grad_y, w_down.transpose(1, 2), plan.group_ends)  # (M, F)
-        grad_h = torch.empty_like(h)
-        torch.mul(grad_act, silu_gate, out=grad_h[:, ffn:])
-        grad_act.mul_(h[:, ffn:])  # now d silu(gate)
-        torch.ops.aten.silu_backward.grad_input(grad_act, h[:, :ffn], grad_input=grad_h[:, :ffn])
+        grad_h = _swiglu_backward_(h, grad_act, act)
+        xs = _gather_rows(x, plan.token, buffer)
         grad_w_gate_up = grouped_matmul_weight_grad(xs, grad_h, plan.group_ends, w_gate_up.shape)
         grad_xs = grouped_matmul(grad_h, w_gate_up.transpose(1, 2), plan.group_ends)  # (M, C)
-        grad_x = plan.combine(grad_xs, plan.kept.to(grad_xs.dtype)).to(xs.dtype)
-        grad_w = torch.zeros(combine_weight.numel(), dtype=grad_w_rows.dtype, device=grad_w_rows.device)
-        grad_w = grad_w.index_copy_(0, plan.slots, grad_w_rows).view_as(combine_weight).to(combine_weight.dtype)
-        return grad_x, grad_w_gate_up, grad_w_down, grad_w, None  # type: ignore[return-value]
+        grad_x = _weighted_slot_sum(plan.to_slots(grad_xs, buffer), plan.kept.to(grad_xs.dtype))
+        return grad_x.to(x.dtype), grad_w_gate_up, grad_w_down, grad_w, None  # type: ignore[return-value]
+
+
+def _weighted_slot_sum(slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_j weight[:, j] * slots[:, j]: slots (N, k, C), weight (N, k) -> (N, C). (bmm loops per token here.)"""
+    out = slots[:, 0] * weight[:, :1]
+    for j in range(1, slots.shape[1]):
+        out.addcmul_(slots[:, j], weight[:, j : j + 1])
+    return out
+
+
+def _swiglu_backward_(h: torch.Tensor, grad_act: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """act = silu(gate) * up with h = [gate | up]: overwrites h with [d gate | d up]; ``scratch`` (M, F) is free."""
+    ffn = grad_act.shape[1]
+    gate, up = h[:, :ffn], h[:, ffn:]
+    up.mul_(grad_act)  # d silu(gate)
+    silu_gate = torch.ops.aten.silu.out(gate, out=scratch)
+    torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=gate)
+    torch.mul(grad_act, silu_gate, out=up)
+    return h
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
