@@ -109,3 +109,22 @@ def test_router_stays_fp32_under_bf16_autocast():
         out, _ = layer(x)
     assert routing.probs.dtype == torch.float32
     assert out.dtype == x.dtype and torch.isfinite(out).all()
+
+
+def test_loop_fallback_where_grouped_mm_is_refused(monkeypatch):
+    """Some devices refuse torch._grouped_mm for a dtype: the layer then loops over experts, same result."""
+    from aios_ray.model import moe
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("grouped gemm is not supported for this dtype")
+
+    monkeypatch.setattr(moe, "_GROUPED_MM_REFUSED", set())
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    fast, ref = _pair(16, 32, 4, 2, 1.0)
+    x, grad_out = torch.randn(40, 16), torch.randn(40, 16)
+    out_f, gx_f, grads_f, _ = _run(fast, x, grad_out)
+    out_r, gx_r, grads_r, _ = _run(ref, x, grad_out)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_f, gx_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads_f["w_gate_up"], grads_r["w_gate_up"], atol=1e-5, rtol=1e-4)
+    assert (x.device.type, torch.float32) in moe._GROUPED_MM_REFUSED

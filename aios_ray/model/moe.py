@@ -253,10 +253,28 @@ def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+# (device type, dtype) pairs where torch._grouped_mm refused to run (e.g. fp32 on some CUDA GPUs):
+# those use the per-expert loop from then on instead of failing every call.
+_GROUPED_MM_REFUSED: set[tuple[str, torch.dtype]] = set()
+
+
+def _try_grouped_mm(a: torch.Tensor, b: torch.Tensor, group_ends: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """torch._grouped_mm(a, b) when it can run here; None tells the caller to loop over experts."""
+    key = (a.device.type, a.dtype)
+    if rows == 0 or key in _GROUPED_MM_REFUSED or not _grouped_mm_ok(a, b):
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs=group_ends.to(torch.int32))
+    except RuntimeError:
+        _GROUPED_MM_REFUSED.add(key)
+        return None
+
+
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """Rows [end_{e-1}, end_e) of x times weights[e]: x (M, K), weights (E, K, N) -> (M, N)."""
-    if x.shape[0] > 0 and _grouped_mm_ok(x, weights):
-        return torch._grouped_mm(x, weights, offs=group_ends.to(torch.int32))
+    out = _try_grouped_mm(x, weights, group_ends, rows=x.shape[0])
+    if out is not None:
+        return out
     ends = group_ends.tolist()
     starts = [0, *ends[:-1]]
     return torch.cat([x[s:e] @ weights[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
@@ -265,8 +283,9 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, group_ends: torch.Ten
 def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, group_ends: torch.Tensor,
                                shape: torch.Size) -> torch.Tensor:
     """Per group e: x[rows_e].T @ grad[rows_e]: x (M, K), grad (M, N) -> (E, K, N); zeros for an empty group."""
-    if x.shape[0] > 0 and _grouped_mm_ok(x, grad):
-        return torch._grouped_mm(x.t(), grad, offs=group_ends.to(torch.int32))
+    out = _try_grouped_mm(x.t(), grad, group_ends, rows=x.shape[0])
+    if out is not None:
+        return out
     out = grad.new_zeros(shape)
     start = 0
     for e, end in enumerate(group_ends.tolist()):

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from aios_ray.config import ModelConfig
 from aios_ray.errors import BundleError
 
 CHECKPOINTS = "checkpoints"
@@ -91,6 +92,14 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
             raise BundleError(f"{path}: {key} has shape {tuple(tensor.shape)}, model expects "
                               f"{tuple(expected[key].shape)}")
     model.load_state_dict(state)
+
+
+def read_model_config(root: Path) -> ModelConfig:
+    data = read_json(root / "config.json")
+    try:
+        return ModelConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{root / 'config.json'}: invalid model config ({exc})") from None
 
 
 def now() -> str:

@@ -12,15 +12,14 @@ from aios_ray.data.text import read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer
 from aios_ray.errors import BundleError, ConfigError
 from aios_ray.model.hrm import HRMACTv1
-from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights
+from aios_ray.train.bundle import MODEL_FILE, is_bundle, load_model_weights, read_model_config
 from aios_ray.train.loop import evaluate_loss
-from aios_ray.train.prepare import _bundle_model_config
 
 
 def load_bundle_model(root: Path) -> HRMACTv1:
     if not root.is_dir() or not is_bundle(root):
         raise BundleError(f"--model {root}: not a brain bundle (config.json and metadata.json expected)")
-    model = HRMACTv1(_bundle_model_config(Bundle(root)))
+    model = HRMACTv1(read_model_config(root))
     load_model_weights(model, root / MODEL_FILE)
     return model
 

@@ -19,7 +19,7 @@ from aios_ray.data.text import SAMPLE_EVAL, SAMPLE_TRAIN, read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from aios_ray.errors import BundleError, DataError
 from aios_ray.model.hrm import HRMACTv1
-from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights, read_json
+from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights, read_model_config
 from aios_ray.train.loop import RunPlan, TrainData
 
 
@@ -34,7 +34,7 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
     if resume is not None:
         if tc.tokenizer:
             raise ConfigError(f"--tokenizer cannot change the tokenizer of the bundle --model {tc.model}")
-        model_cfg = _bundle_model_config(resume)
+        model_cfg = read_model_config(resume.root)
         tokenizer = load_tokenizer(str(resume.root), "--model")
         bundle_root = resume.root
         checkpoint = resume.latest_checkpoint()
@@ -84,14 +84,6 @@ def _given_tokenizer(tokenizer: str | None, model: str | None) -> Tokenizer | No
     if model:  # a local Hugging Face model/tokenizer directory: use its tokenizer
         return load_tokenizer(model, "--model")
     return None
-
-
-def _bundle_model_config(bundle: Bundle) -> ModelConfig:
-    data = read_json(bundle.root / "config.json")
-    try:
-        return ModelConfig(**data)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{bundle.root / 'config.json'}: invalid model config ({exc})") from None
 
 
 def _check_weights(model_cfg: ModelConfig, path: Path) -> None:
