@@ -13,13 +13,22 @@ from aios_ray.config import TrainConfig
 ROUTER_LR_SCALE = 0.1  # --auto-adjust-lr: MoE routers are the unstable part; they learn 10x slower
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """Groups: decayed matrices, undecayed vectors/embeddings, and routers (own LR scale)."""
-    decay, no_decay, router = [], [], []
+def is_expert_param(name: str) -> bool:
+    return ".ffn.w_" in name and "router" not in name
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
+    """Groups: decayed matrices, undecayed vectors/embeddings, routers (own LR scale) and experts.
+
+    Experts are stepped per expert and only when they received tokens (see ``ExpertSparseAdamW``).
+    """
+    decay, no_decay, router, experts = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if ".router." in name:
+        if is_expert_param(name):
+            experts.append(param)
+        elif ".router." in name:
             router.append(param)
         elif param.ndim >= 2 and not name.startswith("embed."):
             decay.append(param)
@@ -30,9 +39,74 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": tc.weight_decay, "lr_scale": 1.0, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
         {"params": router, "weight_decay": tc.weight_decay, "lr_scale": router_scale, "name": "router"},
+        {"params": experts, "weight_decay": tc.weight_decay, "lr_scale": 1.0, "name": "experts",
+         "per_expert": True},
     ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8, fused=False)
+    return ExpertSparseAdamW([g for g in groups if g["params"]], lr=tc.lr, betas=BETAS, eps=EPS)
+
+
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+
+
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: torch.Tensor, lr: float, weight_decay: float, betas: tuple[float, float] = BETAS,
+                  eps: float = EPS) -> None:
+    """One decoupled-weight-decay Adam step, in place (torch.optim.AdamW's single-tensor arithmetic).
+
+    ``step`` is a 1-element tensor, incremented here. The tiered expert store runs this very function
+    on expert records in shared memory, so local and tiered experts follow the same arithmetic.
+    """
+    beta1, beta2 = betas
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step.add_(1)
+    t = float(step.item())
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+
+
+class ExpertSparseAdamW(torch.optim.Optimizer):
+    """AdamW where groups marked ``per_expert`` hold stacked expert tensors (E, ...): each expert has
+    its own step count and is stepped only when it received gradient (tokens) in this step.
+
+    Why: an expert that no token chose should not drift (plain AdamW would keep moving it on stale
+    moments and decay it), which is what keeps old tasks' experts intact; and a tiered store can then
+    update exactly the experts a step touched, with the same result as keeping them all local.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float) -> None:
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "per_expert": False})
+
+    def _state(self, param: torch.Tensor, per_expert: bool) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+            state["step"] = torch.zeros(param.shape[0] if per_expert else 1)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            hyper = {"lr": group["lr"], "weight_decay": group["weight_decay"], "betas": group["betas"],
+                     "eps": group["eps"]}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._state(param, group["per_expert"])
+                if not group["per_expert"]:
+                    adamw_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
+                    continue
+                for e in touched_experts(param.grad):
+                    adamw_update_(param[e], param.grad[e], state["exp_avg"][e], state["exp_avg_sq"][e],
+                                  state["step"][e:e + 1], **hyper)
+
+
+def touched_experts(grad: torch.Tensor) -> list[int]:
+    """Experts (rows of a stacked expert tensor) whose gradient is not all zero: they received tokens."""
+    return grad.flatten(1).ne(0).any(dim=1).nonzero().flatten().tolist()
 
 
 def lr_at(step_in_round: int, steps: int, warmup: int, min_ratio: float) -> float:
