@@ -123,6 +123,16 @@ class HRMACTv1(nn.Module):
         self.register_buffer("H_init", trunc_normal_(torch.empty(C), std=1.0))
         self.register_buffer("L_init", trunc_normal_(torch.empty(C), std=1.0))
         self._init_weights()
+        for index, moe in enumerate(self.moe_layers()):
+            moe.layer_index = index
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def use_expert_source(self, source: object) -> None:
+        """Experts of every MoE layer come from a tiered store from now on (see aios_ray/store)."""
+        for moe in self.moe_layers():
+            moe.use_expert_source(source)
 
     def _init_weights(self) -> None:
         C = self.cfg.hidden_size

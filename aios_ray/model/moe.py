@@ -56,6 +56,8 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"top_k {top_k} > num_experts {num_experts}")
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.impl = impl
+        self.layer_index = -1  # position among the model's MoE layers: the store's address of its experts
+        self.expert_source: Any = None  # set by use_expert_source(): experts then live in a tiered store
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         # Expert weights stacked so the fast path can run one grouped matmul per projection.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_size))
@@ -104,8 +106,12 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
         routing = self.route(flat)
-        experts = self._experts_reference if self.impl == "reference" else self._experts_fast
-        out = experts(flat, routing)
+        if self.expert_source is not None:
+            out = self._experts_tiered(flat, routing)
+        elif self.impl == "reference":
+            out = self._experts_reference(flat, routing)
+        else:
+            out = self._experts_fast(flat, routing)
         with torch.no_grad():
             counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.num_experts)
             stats = MoEStats(
@@ -125,6 +131,26 @@ class MoEFeedForward(nn.Module):
             gate, up = (x @ self.w_gate_up[e]).chunk(2, dim=-1)
             y = (F.silu(gate) * up) @ self.w_down[e]
             out = out + weight[:, None] * y.float()
+        return out
+
+    def use_expert_source(self, source: Any) -> None:
+        """Hand the experts to a tiered store: drop the local weights; ``source.weights(layer, ids)``
+        supplies (w_gate_up, w_down) per expert from then on."""
+        del self.w_gate_up
+        del self.w_down
+        self.expert_source = source
+
+    def _experts_tiered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Experts from leased store slots: one matmul chain per expert that received tokens."""
+        used = routing.expert_index[routing.kept].unique().tolist()
+        weights = self.expert_source.weights(self.layer_index, used)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in used:
+            w_gate_up, w_down = weights[e]
+            token, slot = ((routing.expert_index == e) & routing.kept).nonzero(as_tuple=True)
+            gate, up = (x[token] @ w_gate_up.to(x.dtype)).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ w_down.to(x.dtype)
+            out = out.index_add(0, token, y.float() * routing.combine_weight[token, slot, None])
         return out
 
     def _experts_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

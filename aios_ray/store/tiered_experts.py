@@ -1,0 +1,107 @@
+"""The training process's side of the tiered store: expert weights straight from leased hot slots.
+
+Per step: ``begin_step(predicted)`` leases the predicted experts (one call); a MoE call that needs an
+expert not yet leased leases it (one call per miss set); forward and backward compute on views of
+the shared slots (no copy); ``apply_optimizer`` runs the same AdamW arithmetic as local experts on
+the slot's weights and moments in place and marks them dirty; ``end_step`` releases the lease.
+No ray import: the client is anything with ``lease``, ``release`` and ``mark_dirty`` (a ``HotTier``
+in-process, or a handle on the cache actor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import Slab
+from aios_ray.train.optim import adamw_update_
+
+_holders = itertools.count()
+
+
+class HotClient(Protocol):
+    def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]: ...
+    def release(self, holder: str) -> int: ...
+    def mark_dirty(self, keys: Sequence[ExpertKey]) -> None: ...
+
+
+def _alias(view: torch.Tensor) -> torch.Tensor:
+    """A tensor on the same memory with its own autograd version counter. (A view or ``detach()``
+    shares the counter of the whole slab, so loading another expert into another slot during the
+    step would look like an in-place change of this one to autograd.)"""
+    alias = torch.empty(0, dtype=view.dtype, device=view.device)
+    return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
+class TieredExperts:
+    def __init__(self, client: HotClient, slab: Slab, layout: ExpertLayout) -> None:
+        self.client, self.slab, self.layout = client, slab, layout
+        self.holder = f"{os.getpid()}-{next(_holders)}"
+        self.slots: dict[ExpertKey, int] = {}
+        self.leaves: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lease_calls = 0
+        self.used: set[ExpertKey] = set()
+
+    # ---- step lifecycle ------------------------------------------------------------------------
+    def begin_step(self, predicted: Sequence[ExpertKey] = ()) -> None:
+        self.used.clear()
+        if predicted:
+            self._lease(list(predicted))
+
+    def end_step(self) -> None:
+        self.client.release(self.holder)
+        self.slots.clear()
+        self.leaves.clear()
+
+    def _lease(self, keys: list[ExpertKey]) -> None:
+        self.lease_calls += 1
+        self.slots.update(self.client.lease(keys, self.holder))
+
+    # ---- what the MoE layer calls --------------------------------------------------------------
+    def weights(self, layer: int, experts: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(w_gate_up, w_down) of each expert: leaf tensors on the shared slot (gradients land in .grad)."""
+        keys = [ExpertKey(layer, e) for e in experts]
+        missing = [k for k in keys if k not in self.slots]
+        if missing:
+            self._lease(missing)
+        self.used.update(keys)
+        return {k.expert: self._leaf(k) for k in keys}
+
+    def _leaf(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self.leaves:
+            views = self.layout.views(self.slab.row(self.slots[key]))
+            self.leaves[key] = (_alias(views["w_gate_up"]).requires_grad_(True),
+                                _alias(views["w_down"]).requires_grad_(True))
+        return self.leaves[key]
+
+    def parameters(self) -> list[torch.Tensor]:
+        """This step's expert leaves (for gradient clipping over the whole model)."""
+        return [t for pair in self.leaves.values() for t in pair]
+
+    @torch.no_grad()
+    def apply_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> int:
+        """AdamW on every expert that received gradient, in the slot, in place; returns how many."""
+        touched = []
+        for key, (w_gate_up, w_down) in self.leaves.items():
+            grads = (w_gate_up.grad, w_down.grad)
+            if any(g is None for g in grads) or not any(bool(g.ne(0).any()) for g in grads):
+                continue
+            views = self.layout.views(self.slab.row(self.slots[key]))
+            step = views["step"]
+            for name, grad in zip(("w_gate_up", "w_down"), grads, strict=True):
+                local_step = step.clone()  # both weights take the same step number, as in the local optimizer
+                adamw_update_(views[name], grad, views[f"exp_avg.{name}"], views[f"exp_avg_sq.{name}"],
+                              local_step, lr, weight_decay, betas, eps)
+            step.add_(1)
+            touched.append(key)
+        if touched:
+            self.client.mark_dirty(touched)
+        for pair in self.leaves.values():
+            for leaf in pair:
+                leaf.grad = None
+        return len(touched)

@@ -1,0 +1,215 @@
+"""DRAM and hot (GPU or CPU slab) tiers as plain classes; the Ray actors in ``actors/`` wrap them.
+
+Each tier keeps its policy in a ``TierPolicy`` (LRU in bytes, pins, dirty versions, counters) and
+talks to the tier below through two calls, ``get_many(keys)`` and ``put_many(items)``, so the same
+code runs with plain objects in tests and with actor handles in a cluster. Dirty records are
+written to the tier below before they are dropped, and ``flush()`` pushes every dirty record down
+to the NVMe store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from aios_ray.store.policy import TierPolicy
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import Slab
+
+Item = tuple[ExpertKey, np.ndarray, int]  # key, flat record, version
+
+
+class LowerTier(Protocol):
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]: ...
+    def put_many(self, items: Sequence[Item]) -> None: ...
+    def flush(self) -> int: ...
+
+
+class NvmeAsLower:
+    """Adapts ``NvmeStore`` (read_many / write_many) to the LowerTier calls."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return list(self.store.read_many(list(keys)))
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        self.store.write_many(list(items))
+
+    def flush(self) -> int:
+        return 0  # every NVMe write is already durable (fsync + rename)
+
+
+class DramTier:
+    """LRU of expert records (flat numpy arrays) bounded in bytes, over the NVMe store."""
+
+    def __init__(self, capacity_bytes: int, layout: ExpertLayout, lower: LowerTier) -> None:
+        self.layout, self.lower = layout, lower
+        self.policy = TierPolicy(capacity_bytes)
+        self.records: dict[ExpertKey, tuple[np.ndarray, int]] = {}
+        self.lock = threading.RLock()
+
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        with self.lock:
+            found = {k: self.records[k] for k in keys if self.policy.lookup(k)}
+            missing = [k for k in dict.fromkeys(keys) if k not in found]
+            if missing:
+                started = time.perf_counter()
+                loaded = list(zip(missing, self.lower.get_many(missing), strict=True))
+                self._admit(loaded, dirty=False)  # a batch larger than the tier still returns whole
+                found.update(loaded)
+                self.policy.record_stall(time.perf_counter() - started)
+                self.policy.record_bytes(bytes_in=len(missing) * self.layout.nbytes)
+            return [found[k] for k in keys]
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        with self.lock:
+            self._admit([(key, (flat, version)) for key, flat, version in items], dirty=True)
+
+    def prefetch(self, keys: Iterable[ExpertKey]) -> int:
+        with self.lock:
+            missing = [k for k in keys if k not in self.policy]
+            if missing:
+                records = self.lower.get_many(missing)
+                self._admit(list(zip(missing, records, strict=True)), dirty=False, prefetched=True)
+            return len(missing)
+
+    def _admit(self, entries: list[tuple[ExpertKey, tuple[np.ndarray, int]]], dirty: bool,
+               prefetched: bool = False) -> None:
+        for key, (flat, version) in entries:
+            evictions = self.policy.admit(key, self.layout.nbytes, dirty=dirty, prefetched=prefetched,
+                                          version=version)
+            self._write_back([e for e in evictions if e.dirty])
+            for eviction in evictions:
+                self.records.pop(eviction.key, None)
+            self.records[key] = (flat, version)
+            if dirty:
+                self.policy.mark_dirty(key, version)
+
+    def _write_back(self, evicted_dirty: list) -> None:
+        if evicted_dirty:
+            self.lower.put_many([(e.key, *self.records[e.key]) for e in evicted_dirty])
+            self.policy.record_bytes(bytes_out=len(evicted_dirty) * self.layout.nbytes)
+
+    def flush(self) -> int:
+        """Write every dirty record to NVMe; returns how many were written."""
+        with self.lock:
+            dirty = self.policy.dirty_keys()
+            if dirty:
+                self.lower.put_many([(k, *self.records[k]) for k in dirty])
+                for key in dirty:
+                    self.policy.mark_clean(key, self.records[key][1])
+            return len(dirty) + self.lower.flush()
+
+    def stats(self) -> dict[str, Any]:
+        return {"tier": "dram", "entries": len(self.policy), "used_bytes": self.policy.used_bytes,
+                **self.policy.counters.to_dict()}
+
+
+class HotTier:
+    """Expert slots in a shared slab; records come from the tier below and go back to it dirty.
+
+    A compute process leases the slots it needs for a step (pinned: never evicted while leased),
+    computes on them in place and marks what it updated dirty; ``release`` ends the lease.
+    """
+
+    def __init__(self, slab: Slab, layout: ExpertLayout, lower: LowerTier) -> None:
+        self.slab, self.layout, self.lower = slab, layout, lower
+        self.policy = TierPolicy(slab.num_slots * layout.nbytes, capacity_entries=slab.num_slots)
+        self.slot_of: dict[ExpertKey, int] = {}
+        self.version: dict[ExpertKey, int] = {}
+        self.free = list(range(slab.num_slots - 1, -1, -1))
+        self.leases: dict[str, list[ExpertKey]] = {}
+        self.lock = threading.RLock()
+
+    def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
+        """Make ``keys`` resident and pin them for ``holder``; returns each key's slot."""
+        with self.lock:
+            held = self.leases.setdefault(holder, [])
+            missing = []
+            for key in dict.fromkeys(keys):
+                if self.policy.lookup(key):
+                    self.policy.pin(key)  # pinned at once: loading the misses must not evict it
+                    held.append(key)
+                else:
+                    missing.append(key)
+            self._load(missing, prefetched=False, pin_for=held)
+            return {k: self.slot_of[k] for k in keys}
+
+    def release(self, holder: str) -> int:
+        with self.lock:
+            keys = self.leases.pop(holder, [])
+            for key in keys:
+                self.policy.unpin(key)
+            return len(keys)
+
+    def prefetch(self, keys: Iterable[ExpertKey]) -> int:
+        """Bring keys in ahead of need, if there is room that no pinned slot holds."""
+        with self.lock:
+            missing = [k for k in dict.fromkeys(keys) if k not in self.policy]
+            room = self.slab.num_slots - sum(1 for k in self.slot_of if self.policy.pinned(k))
+            missing = missing[:max(room, 0)]
+            self._load(missing, prefetched=True, pin_for=None)
+            return len(missing)
+
+    def mark_dirty(self, keys: Iterable[ExpertKey]) -> None:
+        with self.lock:
+            for key in keys:
+                self.version[key] = self.policy.mark_dirty(key, self.version[key] + 1)
+
+    def _load(self, keys: list[ExpertKey], prefetched: bool, pin_for: list[ExpertKey] | None) -> None:
+        if not keys:
+            return
+        started = time.perf_counter()
+        records = self.lower.get_many(keys)
+        for key, (flat, version) in zip(keys, records, strict=True):
+            evictions = self.policy.admit(key, self.layout.nbytes, prefetched=prefetched, version=version)
+            self._evict(evictions)
+            slot = self.free.pop()
+            self.slab.row(slot).copy_(_as_tensor(flat))
+            self.slot_of[key], self.version[key] = slot, version
+            if pin_for is not None:
+                self.policy.pin(key)
+                pin_for.append(key)
+        if not prefetched:
+            self.policy.record_stall(time.perf_counter() - started)
+        self.policy.record_bytes(bytes_in=len(keys) * self.layout.nbytes)
+
+    def _evict(self, evictions: list) -> None:
+        dirty = [(e.key, self.slab.row(self.slot_of[e.key]).numpy().copy(), e.version) for e in evictions if e.dirty]
+        if dirty:
+            self.lower.put_many(dirty)
+            self.policy.record_bytes(bytes_out=len(dirty) * self.layout.nbytes)
+        for eviction in evictions:
+            self.free.append(self.slot_of.pop(eviction.key))
+            self.version.pop(eviction.key, None)
+
+    def flush(self) -> int:
+        """Every update made so far becomes durable on NVMe (through DRAM)."""
+        with self.lock:
+            dirty = self.policy.dirty_keys()
+            items = [(k, self.slab.row(self.slot_of[k]).numpy().copy(), self.version[k]) for k in dirty]
+            if items:
+                self.lower.put_many(items)
+                for key, _, version in items:
+                    self.policy.mark_clean(key, version)
+            return len(items) + self.lower.flush()
+
+    def resident(self) -> dict[ExpertKey, int]:
+        with self.lock:
+            return dict(self.slot_of)
+
+    def stats(self) -> dict[str, Any]:
+        return {"tier": "hot", "slots": self.slab.num_slots, "entries": len(self.policy),
+                "used_bytes": self.policy.used_bytes, **self.policy.counters.to_dict()}
+
+
+def _as_tensor(flat: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(flat, dtype=np.float32))

@@ -1,0 +1,125 @@
+"""Experts in the tiered store (hot slab -> DRAM -> NVMe) train exactly like local experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aios_ray.config import ModelConfig, TrainConfig
+from aios_ray.model.hrm import HRMACTv1
+from aios_ray.store.nvme import NvmeStore
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import Slab
+from aios_ray.store.tiered_experts import TieredExperts
+from aios_ray.store.tiers import DramTier, HotTier, NvmeAsLower
+from aios_ray.train.optim import BETAS, EPS, build_optimizer
+
+CFG = ModelConfig(vocab_size=32, max_seq_len=6, hidden_size=16, num_heads=2, h_layers=1, l_layers=1, h_cycles=1,
+                  l_cycles=1, halt_max_steps=1, num_experts=8, num_experts_per_tok=2, moe_capacity_factor=1.0)
+
+
+def local_records(model: HRMACTv1, layout: ExpertLayout) -> list[tuple[ExpertKey, np.ndarray, int]]:
+    items = []
+    for moe in model.moe_layers():
+        for e in range(moe.num_experts):
+            flat = layout.pack({"w_gate_up": moe.w_gate_up[e].detach(), "w_down": moe.w_down[e].detach()})
+            items.append((ExpertKey(moe.layer_index, e), flat, 0))
+    return items
+
+
+def build_store(tmp_path: Path, layout: ExpertLayout, hot_slots: int, dram_records: int):
+    nvme = NvmeStore(tmp_path / "nvme", layout)
+    dram = DramTier(dram_records * layout.nbytes, layout, NvmeAsLower(nvme))
+    slab = Slab(tmp_path / "hot.slab", hot_slots, layout.numel, create=True)
+    return nvme, dram, HotTier(slab, layout, dram), slab
+
+
+def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path: Path):
+    torch.manual_seed(0)
+    local = HRMACTv1(CFG).train()
+    tiered = HRMACTv1(CFG).train()
+    tiered.load_state_dict(local.state_dict())
+    layout = ExpertLayout(CFG.hidden_size, CFG.ffn_size)
+    nvme, dram, hot, slab = build_store(tmp_path, layout, hot_slots=12, dram_records=6)  # 16 experts in all
+    nvme.write_many(local_records(local, layout))
+    source = TieredExperts(hot, slab, layout)
+    tiered.use_expert_source(source)
+    tc = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt_local, opt_tiered = build_optimizer(local, tc), build_optimizer(tiered, tc)
+    all_keys = [ExpertKey(layer, e) for layer in range(2) for e in range(8)]
+
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        tokens = torch.randint(0, CFG.vocab_size, (2, CFG.max_seq_len + 1), generator=g)
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
+        source.begin_step()
+        out_local, out_tiered = local(ids, labels), tiered(ids, labels)
+        torch.testing.assert_close(out_tiered.logits, out_local.logits, atol=1e-5, rtol=1e-5)
+        out_local.loss.backward()
+        out_tiered.loss.backward()
+        _assert_same_gradients(local, tiered, source)
+        opt_local.step()
+        opt_tiered.step()
+        source.apply_optimizer(tc.lr, tc.weight_decay, BETAS, EPS)
+        opt_local.zero_grad()
+        opt_tiered.zero_grad()
+        source.end_step()
+        # Another user of the hot tier takes most slots: this step's experts are evicted (dirty, to DRAM,
+        # and from the small DRAM on to NVMe) and must come back intact next step.
+        hot.lease([k for k in all_keys if k not in source.used][:8] or all_keys[:8], "intruder")
+        hot.release("intruder")
+
+    assert hot.stats()["evictions"] > 0 and dram.stats()["evictions"] > 0
+    hot.flush()
+    _assert_same_experts(local, opt_local, nvme, layout)
+
+
+def _assert_same_gradients(local: HRMACTv1, tiered: HRMACTv1, source: TieredExperts) -> None:
+    tiered_params = dict(tiered.named_parameters())
+    for name, param in local.named_parameters():
+        if ".ffn.w_" in name:
+            continue
+        torch.testing.assert_close(tiered_params[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for moe in local.moe_layers():
+        for e in range(moe.num_experts):
+            key = ExpertKey(moe.layer_index, e)
+            if key in source.leaves:
+                torch.testing.assert_close(source.leaves[key][0].grad, moe.w_gate_up.grad[e], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(source.leaves[key][1].grad, moe.w_down.grad[e], atol=1e-5, rtol=1e-4)
+            else:
+                assert not moe.w_gate_up.grad[e].any()  # unused locally too
+
+
+def _assert_same_experts(local: HRMACTv1, opt_local, nvme: NvmeStore, layout: ExpertLayout) -> None:
+    for moe in local.moe_layers():
+        state_gu, state_dn = opt_local.state[moe.w_gate_up], opt_local.state[moe.w_down]
+        for e in range(moe.num_experts):
+            flat, _version = nvme.read(ExpertKey(moe.layer_index, e))
+            views = layout.views(torch.from_numpy(np.array(flat)))
+            torch.testing.assert_close(views["w_gate_up"], moe.w_gate_up[e].detach(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(views["w_down"], moe.w_down[e].detach(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(views["exp_avg.w_gate_up"], state_gu["exp_avg"][e], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(views["exp_avg_sq.w_down"], state_dn["exp_avg_sq"][e], atol=1e-7, rtol=1e-4)
+            assert views["step"].item() == state_gu["step"][e].item()
+
+
+def test_a_leased_slot_is_never_evicted_and_the_slab_is_shared(tmp_path: Path):
+    layout = ExpertLayout(8, 16)
+    nvme, _dram, hot, slab = build_store(tmp_path, layout, hot_slots=2, dram_records=4)
+    keys = [ExpertKey(0, e) for e in range(3)]
+    nvme.write_many([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
+    slots = hot.lease(keys[:2], "a")
+    other = Slab(slab.path, slab.num_slots, slab.numel, create=False)  # a second mapping, as another process
+    assert other.row(slots[keys[1]])[0].item() == 1.0
+    other.row(slots[keys[1]])[0] = 42.0  # written through one mapping, seen through the other
+    assert slab.row(slots[keys[1]])[0].item() == 42.0
+    import pytest
+
+    from aios_ray.store.policy import TierFullError
+
+    with pytest.raises(TierFullError):
+        hot.lease([keys[2]], "b")  # both slots leased by "a"
+    hot.release("a")
+    assert keys[2] in hot.lease([keys[2]], "b")
