@@ -1,0 +1,207 @@
+"""Thin Ray actors around the tier classes of ``aios_ray.store.tiers``, and the one function that
+creates (or finds again) the whole store from a config.
+
+Names: ``<store>-nvme``, ``<store>-dram``, ``<store>-gpu<i>`` in the given namespace. Every actor
+restarts on failure (``max_restarts=-1``) and rebuilds from the tier below: the NVMe store from its
+manifest, the DRAM cache empty, the hot cache with a fresh slab file (the old file is unlinked, so a
+process that still maps it keeps valid memory until it re-maps).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.nvme_store import create_nvme_store
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import Slab, slab_path
+from aios_ray.store.tiered_experts import TieredExperts
+from aios_ray.store.tiers import DramTier, HotTier, Item
+
+MAX_CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """capacity_gpu / capacity_dram count expert records; store_path is the NVMe store's directory."""
+
+    name: str
+    store_path: str
+    hidden_size: int
+    ffn_size: int
+    capacity_gpu: int
+    capacity_dram: int
+    dtype: str = "float32"
+    namespace: str = "aios-ray"
+    num_gpu_caches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype != "float32":
+            raise ValueError(f"store dtype {self.dtype!r}: only float32 records are supported")
+        if self.capacity_gpu <= 0 or self.capacity_dram <= 0:
+            raise ValueError("capacity_gpu and capacity_dram must be > 0 (expert records)")
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return ExpertLayout(self.hidden_size, self.ffn_size)
+
+
+class ActorTier:
+    """A tier below, reached through an actor handle: the LowerTier calls, blocking."""
+
+    def __init__(self, handle: ray.actor.ActorHandle, get: str = "get_many", put: str = "put_many") -> None:
+        self.handle, self._get, self._put = handle, get, put
+
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return ray.get(getattr(self.handle, self._get).remote(list(keys)))
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        ray.get(getattr(self.handle, self._put).remote(list(items)))
+
+    def flush(self) -> int:
+        return ray.get(self.handle.flush.remote()) if self._get == "get_many" else 0
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class DramCacheActor:
+    def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
+        layout = config.layout
+        self.tier = DramTier(config.capacity_dram * layout.nbytes, layout,
+                             ActorTier(nvme, get="read_many", put="write_many"))
+        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
+        self.metrics = TierMetrics("dram")
+
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return self.tier.get_many(keys)
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        self.tier.put_many(items)
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Returns at once; the records are pulled from NVMe in the background."""
+        self.prefetcher.submit(self.tier.prefetch, [ExpertKey(layer, e) for e in expert_ids])
+
+    def flush(self) -> int:
+        return self.tier.flush()
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.tier.stats()
+        self.metrics.update(stats)
+        return stats
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class GpuCacheActor:
+    """The hot tier. Without a GPU it keeps its slots in a shared-memory file (same rules)."""
+
+    def __init__(self, config: StoreConfig, index: int, dram: ray.actor.ActorHandle) -> None:
+        layout = config.layout
+        path = slab_path(config.namespace, f"{config.name}-gpu{index}")
+        # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
+        path.unlink(missing_ok=True)
+        self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
+        self.tier = HotTier(self.slab, layout, ActorTier(dram))
+        self.metrics = TierMetrics("gpu")
+
+    def slab_info(self) -> dict[str, Any]:
+        return {"path": str(self.slab.path), "num_slots": self.slab.num_slots, "numel": self.slab.numel}
+
+    def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
+        return self.tier.lease(keys, holder)
+
+    def release(self, holder: str) -> int:
+        return self.tier.release(holder)
+
+    def mark_dirty(self, keys: Sequence[ExpertKey]) -> None:
+        self.tier.mark_dirty(keys)
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> int:
+        return self.tier.prefetch([ExpertKey(layer, e) for e in expert_ids])
+
+    def flush(self) -> int:
+        return self.tier.flush()
+
+    def resident(self) -> dict[ExpertKey, int]:
+        return self.tier.resident()
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.tier.stats()
+        self.metrics.update(stats)
+        return stats
+
+    def __ray_shutdown__(self) -> None:
+        self.slab.unlink()
+
+
+class TierMetrics:
+    """The tier's counters as Ray metrics (``ray_aios_store_*`` on the dashboard's metrics port)."""
+
+    def __init__(self, tier: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tier = tier
+        self.gauges = {name: Gauge(f"aios_store_{name}", description=f"tiered expert store: {name}",
+                                   tag_keys=("tier",))
+                       for name in ("hits", "misses", "prefetch_hits", "evictions", "bytes_in", "bytes_out",
+                                    "stall_seconds", "hit_rate", "used_bytes")}
+        self.lock = threading.Lock()
+
+    def update(self, stats: dict[str, Any]) -> None:
+        with self.lock:
+            for name, gauge in self.gauges.items():
+                if name in stats:
+                    gauge.set(float(stats[name]), tags={"tier": self.tier})
+
+
+@dataclass
+class StoreHandles:
+    config: StoreConfig
+    nvme: ray.actor.ActorHandle
+    dram: ray.actor.ActorHandle
+    gpu: list[ray.actor.ActorHandle]
+
+    def flush(self) -> int:
+        """Every update made so far becomes durable on NVMe."""
+        return sum(ray.get([g.flush.remote() for g in self.gpu])) + ray.get(self.dram.flush.remote())
+
+    def stats(self) -> list[dict[str, Any]]:
+        return ray.get([*(g.stats.remote() for g in self.gpu), self.dram.stats.remote(),
+                        self.nvme.stats.remote()])
+
+    def experts_client(self, index: int = 0) -> TieredExperts:
+        """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""
+        info = ray.get(self.gpu[index].slab_info.remote())
+        slab = Slab(Path(info["path"]), info["num_slots"], info["numel"], create=False)
+        return TieredExperts(ActorHotClient(self.gpu[index]), slab, self.config.layout)
+
+
+class ActorHotClient:
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
+        return ray.get(self.handle.lease.remote(list(keys), holder))
+
+    def release(self, holder: str) -> int:
+        return ray.get(self.handle.release.remote(holder))
+
+    def mark_dirty(self, keys: Sequence[ExpertKey]) -> None:
+        ray.get(self.handle.mark_dirty.remote(list(keys)))
+
+
+def create_store(config: StoreConfig) -> StoreHandles:
+    """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name."""
+    options = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1}
+    nvme = create_nvme_store(config.store_path, config.layout, name=f"{config.name}-nvme",
+                             namespace=config.namespace)
+    dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)
+    gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=0, **options).remote(config, i, dram)
+           for i in range(config.num_gpu_caches)]
+    return StoreHandles(config, nvme, dram, gpu)
