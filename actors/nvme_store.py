@@ -90,6 +90,7 @@ def create_nvme_store(root: Path | str, layout: ExpertLayout, *, name: str, name
     next to its disk. ``detached`` keeps it alive after the creating driver exits (off by default, so
     tests clean up after themselves).
     """
+    root = Path(os.path.abspath(root))  # one spelling per directory, without touching a remote node's disk
     try:
         actor = ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -100,7 +101,7 @@ def create_nvme_store(root: Path | str, layout: ExpertLayout, *, name: str, name
         if node_resource:
             options["resources"] = {node_resource: 0.001}
         actor = NvmeStoreActor.options(**options).remote(str(root), layout)
-    _check_same_store(actor, Path(root), layout, name)
+    _check_same_store(actor, root, layout, name)
     return actor
 
 

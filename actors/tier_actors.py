@@ -91,6 +91,12 @@ class DramCacheActor:
     def flush(self) -> int:
         return self.tier.flush()
 
+    def reset(self) -> None:
+        self.tier.reset()
+
+    def incarnation(self) -> str:
+        return self.tier.incarnation
+
     def stats(self) -> dict[str, Any]:
         stats = self.tier.stats()
         self.metrics.update(stats)
@@ -130,6 +136,12 @@ class GpuCacheActor:
 
     def resident(self) -> dict[ExpertKey, int]:
         return self.tier.resident()
+
+    def reset(self) -> None:
+        self.tier.reset()
+
+    def incarnation(self) -> str:
+        return self.tier.incarnation
 
     def stats(self) -> dict[str, Any]:
         stats = self.tier.stats()
@@ -174,6 +186,30 @@ class StoreHandles:
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([*(g.stats.remote() for g in self.gpu), self.dram.stats.remote(),
                         self.nvme.stats.remote()])
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return self.config.layout
+
+    def keys(self) -> list[ExpertKey]:
+        return ray.get(self.nvme.keys.remote())
+
+    def seed(self, items: Sequence[Item]) -> None:
+        ray.get(self.nvme.write_many.remote(list(items)))
+
+    def read_all(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return ray.get(self.nvme.read_many.remote(list(keys)))
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Fire and forget: the GPU cache fills free room, the DRAM cache pulls from NVMe."""
+        for gpu in self.gpu:
+            gpu.prefetch.remote(layer, list(expert_ids))
+
+    def incarnations(self) -> tuple[str, ...]:
+        return tuple(ray.get([*(g.incarnation.remote() for g in self.gpu), self.dram.incarnation.remote()]))
+
+    def reset(self) -> None:
+        ray.get([*(g.reset.remote() for g in self.gpu), self.dram.reset.remote()])
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""

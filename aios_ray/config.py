@@ -128,9 +128,21 @@ class TrainConfig:
     stop_file: str | None = _opt(None, "when this file appears, finish the current step, checkpoint and stop; "
                                        "default: <bundle>/STOP")
     seed: int = _opt(0, "seed for initialisation, data order and ACT exploration")
+    experts: str = _opt("local", "where MoE experts live: 'local' (in the training process) or 'tiered' (a "
+                                 "GPU/DRAM/NVMe store owned by Ray actors; the router stays in the model)")
+    capacity_gpu: int = _opt(0, "--experts tiered: hot-tier slots in expert records (0: room for every expert)")
+    capacity_dram: int = _opt(0, "--experts tiered: DRAM-tier capacity in expert records (0: every expert)")
+    store_path: str | None = _opt(None, "--experts tiered: the NVMe store directory; default <bundle>/expert_store")
+    prefetch: bool = _opt(True, "--experts tiered: prefetch the experts the last steps used (usage history)")
+    store_stats_interval: int = _opt(50, "--experts tiered: steps between store_stats events in the metrics log")
 
     def __post_init__(self) -> None:
-        for name in ("eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
+        if self.experts not in ("local", "tiered"):
+            raise ConfigError(f"--experts {self.experts!r}: expected 'local' or 'tiered'")
+        for name in ("capacity_gpu", "capacity_dram"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("store_stats_interval", "eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
                      "expert_usage_interval", "checkpoint_interval", "keep_checkpoints", "tokenizer_vocab_size"):
             _positive(name, getattr(self, name))
         for name in ("eval_batches", "warmup_steps", "weight_decay", "grad_clip"):
@@ -166,6 +178,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.experts == "tiered":
+            if not self.model.use_moe:
+                raise ConfigError("--experts tiered needs MoE layers (drop --no-moe)")
+            if self.cluster.num_workers > 1:
+                raise ConfigError("--experts tiered runs with --num-workers 1 for now (expert gradients are not "
+                                  "all-reduced across workers)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from aios_ray.config import ModelConfig, TrainConfig
@@ -123,3 +124,36 @@ def test_a_leased_slot_is_never_evicted_and_the_slab_is_shared(tmp_path: Path):
         hot.lease([keys[2]], "b")  # both slots leased by "a"
     hot.release("a")
     assert keys[2] in hot.lease([keys[2]], "b")
+
+
+def test_trainer_with_tiered_experts_matches_local_experts(tmp_path: Path):
+    """The real training loop (--no-ray: the tier classes run in-process): same losses, same weights."""
+    from aios_ray.tracking.jsonl import read_metrics
+    from aios_ray.train.bundle import load_tensors
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    def losses(plan) -> list[float]:
+        return [e["train_loss"] for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"]
+
+    local_plan, _ = run_training(debug_config(tmp_path / "local"))
+    tiered_cfg = debug_config(tmp_path / "tiered", experts="tiered", capacity_gpu=8, capacity_dram=3)
+    tiered_plan, _ = run_training(tiered_cfg)
+    assert losses(tiered_plan) == pytest.approx(losses(local_plan), rel=1e-4)
+    local_w = load_tensors(Path(local_plan.bundle_root) / "model.safetensors")
+    tiered_w = load_tensors(Path(tiered_plan.bundle_root) / "model.safetensors")
+    assert local_w.keys() == tiered_w.keys()
+    for name, tensor in local_w.items():
+        torch.testing.assert_close(tiered_w[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+    stats = [e for e in read_metrics(Path(tiered_plan.log_file)) if e["event"] == "store_stats"]
+    hot, dram = stats[-1]["tiers"]
+    assert hot["slots"] == 8 and hot["hits"] > 0 and dram["evictions"] > 0
+
+
+def test_a_hot_tier_smaller_than_one_step_is_a_clear_error(tmp_path: Path):
+    from aios_ray.store.tiered_experts import HotTierTooSmall
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    with pytest.raises(HotTierTooSmall, match="raise --capacity-gpu"):
+        run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=2))

@@ -74,6 +74,10 @@ class BlockSampler:
         self.state.batch += self.world_size
         return block_batch(self.tokens, ids, self.seq_len)
 
+    def restore(self, state: SamplerState) -> None:
+        self.state = SamplerState(state.epoch, state.batch)
+        self._order = self._permutation(self.state.epoch)
+
     def new_round(self) -> None:
         """--iterate: start the next round on a fresh shuffle."""
         self.state = SamplerState(self.state.epoch + 1, 0)

@@ -136,8 +136,9 @@ class MoEFeedForward(nn.Module):
     def use_expert_source(self, source: Any) -> None:
         """Hand the experts to a tiered store: drop the local weights; ``source.weights(layer, ids)``
         supplies (w_gate_up, w_down) per expert from then on."""
-        del self.w_gate_up
-        del self.w_down
+        for name in ("w_gate_up", "w_down"):
+            if name in self._parameters:
+                delattr(self, name)
         self.expert_source = source
 
     def _experts_tiered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -321,17 +321,17 @@ class NvmeStore:
         try:
             meta = json.loads(header)
             meta.pop("__metadata__", None)
-            spans = sorted((tuple(meta[name]["data_offsets"]), name) for name in PARTS)
             ok = set(meta) == set(PARTS) and all(
                 meta[name]["dtype"] == "F32" and tuple(meta[name]["shape"]) == self.layout.shapes[name]
                 for name in PARTS)
-        except (ValueError, TypeError, KeyError, AttributeError):
+            spans = sorted((int(meta[name]["data_offsets"][0]), name) for name in PARTS)
+            end = 0
+            for begin, name in spans:
+                a, b = self.layout.offsets[name]
+                ok = ok and begin == end and meta[name]["data_offsets"] == [begin, begin + 4 * (b - a)]
+                end = begin + 4 * (b - a)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             raise StoreCorruptError(f"{path}: unreadable safetensors header") from None
-        end = 0
-        for (begin, stop), name in spans:
-            a, b = self.layout.offsets[name]
-            ok = ok and begin == end and stop - begin == 4 * (b - a)
-            end = stop
         if not ok or end != data_bytes:
             raise StoreCorruptError(f"{path}: safetensors header does not match the store layout")
         return [self.layout.offsets[name] for _, name in spans]

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from aios_ray.errors import UserError
+from aios_ray.store.policy import TierFullError
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import Slab
 from aios_ray.train.optim import adamw_update_
@@ -28,6 +30,10 @@ class HotClient(Protocol):
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]: ...
     def release(self, holder: str) -> int: ...
     def mark_dirty(self, keys: Sequence[ExpertKey]) -> None: ...
+
+
+class HotTierTooSmall(UserError):
+    """Every expert a step uses stays leased until its optimizer step; they must fit the hot tier."""
 
 
 def _alias(view: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,12 @@ class TieredExperts:
 
     def _lease(self, keys: list[ExpertKey]) -> None:
         self.lease_calls += 1
-        self.slots.update(self.client.lease(keys, self.holder))
+        try:
+            self.slots.update(self.client.lease(keys, self.holder))
+        except TierFullError:
+            raise HotTierTooSmall(
+                f"the hot expert tier ({self.slab.num_slots} slots) cannot hold the {len(self.slots) + len(keys)}+ "
+                f"experts this step uses at once; raise --capacity-gpu") from None
 
     # ---- what the MoE layer calls --------------------------------------------------------------
     def weights(self, layer: int, experts: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

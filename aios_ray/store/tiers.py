@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -53,6 +54,7 @@ class DramTier:
         self.policy = TierPolicy(capacity_bytes)
         self.records: dict[ExpertKey, tuple[np.ndarray, int]] = {}
         self.lock = threading.RLock()
+        self.incarnation = uuid.uuid4().hex  # a restarted actor is a new incarnation: its unflushed data is gone
 
     def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
         with self.lock:
@@ -106,9 +108,17 @@ class DramTier:
                     self.policy.mark_clean(key, self.records[key][1])
             return len(dirty) + self.lower.flush()
 
+    def reset(self) -> None:
+        """Forget every record without writing back (recovery: NVMe's last flush is the truth)."""
+        with self.lock:
+            resident = self.policy.keys()  # a snapshot: evicting while iterating it is safe
+            for key in resident:
+                self.policy.evict(key)
+            self.records.clear()
+
     def stats(self) -> dict[str, Any]:
-        return {"tier": "dram", "entries": len(self.policy), "used_bytes": self.policy.used_bytes,
-                **self.policy.counters.to_dict()}
+        return {"tier": "dram", "incarnation": self.incarnation, "entries": len(self.policy),
+                "used_bytes": self.policy.used_bytes, **self.policy.counters.to_dict()}
 
 
 class HotTier:
@@ -126,6 +136,7 @@ class HotTier:
         self.free = list(range(slab.num_slots - 1, -1, -1))
         self.leases: dict[str, list[ExpertKey]] = {}
         self.lock = threading.RLock()
+        self.incarnation = uuid.uuid4().hex
 
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
         """Make ``keys`` resident and pin them for ``holder``; returns each key's slot."""
@@ -200,13 +211,25 @@ class HotTier:
                     self.policy.mark_clean(key, version)
             return len(items) + self.lower.flush()
 
+    def reset(self) -> None:
+        """Drop every slot without writing back (recovery: NVMe's last flush is the truth)."""
+        with self.lock:
+            for holder in list(self.leases):
+                self.release(holder)
+            resident = self.policy.keys()  # a snapshot: evicting while iterating it is safe
+            for key in resident:
+                self.policy.evict(key)
+            self.free = list(range(self.slab.num_slots - 1, -1, -1))
+            self.slot_of.clear()
+            self.version.clear()
+
     def resident(self) -> dict[ExpertKey, int]:
         with self.lock:
             return dict(self.slot_of)
 
     def stats(self) -> dict[str, Any]:
-        return {"tier": "hot", "slots": self.slab.num_slots, "entries": len(self.policy),
-                "used_bytes": self.policy.used_bytes, **self.policy.counters.to_dict()}
+        return {"tier": "hot", "incarnation": self.incarnation, "slots": self.slab.num_slots,
+                "entries": len(self.policy), "used_bytes": self.policy.used_bytes, **self.policy.counters.to_dict()}
 
 
 def _as_tensor(flat: np.ndarray):

@@ -80,8 +80,11 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise BundleError(f"{path}: corrupt or truncated safetensors file ({str(exc)[:100]})") from None
 
 
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+def load_model_weights(model: torch.nn.Module, path: Path, skip_experts: bool = False) -> None:
+    """Load a bundle's weights; ``skip_experts`` leaves out expert weights (a tiered model holds none)."""
     state = load_tensors(path)
+    if skip_experts:
+        state = {k: v for k, v in state.items() if ".ffn.w_" not in k}
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:

@@ -25,6 +25,9 @@ from aios_ray.config import Config
 from aios_ray.data.dataset import BlockSampler, SamplerState, eval_batches
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
+from aios_ray.store.control import StoreControl
+from aios_ray.store.export import expert_layout
+from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import MetricsLog, Progress, say
 from aios_ray.train.bundle import (
     MODEL_FILE,
@@ -37,6 +40,7 @@ from aios_ray.train.bundle import (
     read_json,
 )
 from aios_ray.train.optim import build_optimizer, lr_at, optimizer_from_tensors, optimizer_to_tensors
+from aios_ray.train.tiered import TieredRun
 
 
 class WorkerContext(Protocol):
@@ -50,6 +54,8 @@ class WorkerContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
     def any_rank(self, flag: bool) -> bool: ...
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def open_expert_store(self, name: str, path: Path, layout: ExpertLayout, capacity_gpu: int,
+                          capacity_dram: int) -> StoreControl: ...
 
 
 class LocalContext:
@@ -72,6 +78,13 @@ class LocalContext:
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Path | None]:
         yield None
+
+    def open_expert_store(self, name: str, path: Path, layout: ExpertLayout, capacity_gpu: int,
+                          capacity_dram: int) -> StoreControl:
+        """Without Ray the same tier classes run in this process."""
+        from aios_ray.store.control import LocalStore
+
+        return LocalStore(path, layout, capacity_gpu, capacity_dram, name)
 
 
 @dataclass
@@ -120,9 +133,18 @@ class Trainer:
         self.is_chief = ctx.rank == 0
         torch.manual_seed(tc.seed)
         self.model = HRMACTv1(self.cfg.model).to(ctx.device)
-        self.optimizer = build_optimizer(self.model, tc)
         self.state = TrainerState(micro_batch=tc.batch_size)
-        self.resumed = self._restore()
+        self.tiered: TieredRun | None = None
+        with self.ctx.restored_checkpoint() as ray_checkpoint:
+            source = ray_checkpoint or (Path(plan.resume_from) if plan.resume_from else None)
+            if source is not None:
+                load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
+            if tc.experts == "tiered":
+                self.tiered = self._open_tiered()
+            self.optimizer = build_optimizer(self.model, tc)
+            if source is not None:
+                self.load_training_state(source)
+        self.resumed = source is not None
         self.train_model = ctx.wrap_model(self.model)
         self.sampler = BlockSampler(data.train_tokens, self.cfg.model.max_seq_len, tc.batch_size, tc.seed,
                                     ctx.rank, ctx.world_size, self.state.sampler)
@@ -136,16 +158,15 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
 
     # ---- state ---------------------------------------------------------------------------------
-    def _restore(self) -> bool:
-        with self.ctx.restored_checkpoint() as ray_checkpoint:
-            source = ray_checkpoint or (Path(self.plan.resume_from) if self.plan.resume_from else None)
-            if source is None:
-                return False
-            self.load_checkpoint(source)
-        return True
+    def _open_tiered(self) -> TieredRun:
+        store_path = Path(self.cfg.train.store_path or Path(self.plan.bundle_root) / "expert_store").resolve()
+        capacity_gpu, capacity_dram = TieredRun.plan_capacities(self.model, self.cfg)
+        store = self.ctx.open_expert_store(self.cfg.train.brain_name, store_path, expert_layout(self.model),
+                                           capacity_gpu, capacity_dram)
+        return TieredRun(self.model, store, self.cfg, store_path)
 
-    def load_checkpoint(self, path: Path) -> None:
-        load_model_weights(self.model, path / MODEL_FILE)
+    def load_training_state(self, path: Path) -> None:
+        """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
         tensors = load_tensors(path / OPTIMIZER_FILE)
         state = read_json(path / TRAINER_STATE_FILE)
         optimizer_from_tensors(self.optimizer, tensors, state["param_groups"])
@@ -167,6 +188,8 @@ class Trainer:
         self.state.sampler = self.sampler.state
         trainer_state = {"trainer": asdict(self.state), "param_groups": groups, "saved_at": now()}
         model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.tiered is not None:
+            model_state.update(self.tiered.export_weights())
         return {
             MODEL_FILE: to_bytes(model_state),
             OPTIMIZER_FILE: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
@@ -213,15 +236,42 @@ class Trainer:
                        error=str(exc).splitlines()[0][:200])
 
     def _optimize(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        tc, device = self.cfg.train, self.ctx.device
+        tc = self.cfg.train
         started = time.perf_counter()
         lr = tc.lr * lr_at(self.state.round_step, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
-        mb = self.state.micro_batch
-        chunks = [(ids[i:i + mb], labels[i:i + mb]) for ids, labels in batches for i in range(0, len(ids), mb)]
         total_sequences = sum(len(ids) for ids, _ in batches)
+        if self.tiered is not None:
+            self.tiered.begin_step()
+        try:
+            sums = self._forward_backward(batches, total_sequences)
+            params = list(self.model.parameters()) + (self.tiered.parameters() if self.tiered else [])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+            self.optimizer.step()
+            if self.tiered is not None:
+                self.tiered.apply_optimizer(lr)  # the same AdamW arithmetic, in the leased slots
+        except BaseException:
+            if self.tiered is not None:
+                self.tiered.abort_step()
+            raise
+        if self.tiered is not None:
+            self.tiered.end_step(self.state.step + 1)
+        elapsed = time.perf_counter() - started
+        tokens = total_sequences * self.cfg.model.max_seq_len * self.ctx.world_size
+        return {
+            "train_loss": sums["train_loss"], "lm_loss": sums["lm_loss"], "q_loss": sums["q_loss"],
+            "lb_loss": sums["lb_loss"], "lr": lr, "grad_norm": float(grad_norm),
+            "tokens_per_sec": tokens / elapsed, "sec_per_step": elapsed,
+            "mean_halt_steps": sums["halt"] / total_sequences,
+        }
+
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                          total_sequences: int) -> dict[str, float]:
+        """Micro-batches of the current size; only the last one all-reduces gradients under DDP."""
+        mb, device = self.state.micro_batch, self.ctx.device
+        chunks = [(ids[i:i + mb], labels[i:i + mb]) for ids, labels in batches for i in range(0, len(ids), mb)]
         sums = dict.fromkeys(("train_loss", "lm_loss", "q_loss", "lb_loss", "halt"), 0.0)
         usage = RoutingLog()
         for index, (ids, labels) in enumerate(chunks):
@@ -238,17 +288,8 @@ class Trainer:
                 sums[key] += float(value.detach()) * scale
             sums["halt"] += float(out.halt_steps.sum())
             usage.merge_usage(out.routing)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
-        self.optimizer.step()
         self.usage.merge_usage(usage)
-        elapsed = time.perf_counter() - started
-        tokens = total_sequences * self.cfg.model.max_seq_len * self.ctx.world_size
-        return {
-            "train_loss": sums["train_loss"], "lm_loss": sums["lm_loss"], "q_loss": sums["q_loss"],
-            "lb_loss": sums["lb_loss"], "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_sec": tokens / elapsed, "sec_per_step": elapsed,
-            "mean_halt_steps": sums["halt"] / total_sequences,
-        }
+        return sums
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp)
@@ -256,7 +297,13 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Mean next-token loss over the fixed eval batches, every ACT segment run."""
-        loss = evaluate_loss(self.model, self.eval_data, self.ctx.device, self.cfg.train.amp)
+        if self.tiered is not None:
+            self.tiered.experts.begin_step()
+        try:
+            loss = evaluate_loss(self.model, self.eval_data, self.ctx.device, self.cfg.train.amp)
+        finally:
+            if self.tiered is not None:
+                self.tiered.experts.end_step()
         result = {"eval_loss": loss, "ppl": math.exp(min(loss, 50.0))}
         self.log.write("eval", step=self.state.step, **result)
         if self.is_chief:
@@ -280,9 +327,14 @@ class Trainer:
         progress = Progress(steps_this_run)
         if self.eval_data and not self.resumed:
             self.evaluate()  # step-0 baseline
+        if self.tiered is not None and not self.resumed:
+            self.save_checkpoint({})  # the first flush: a tier failure before the next one replays from here
         metrics: dict[str, float] = {}
         while True:
             metrics = self.train_step()
+            if self.tiered is not None and self.tiered.failed():
+                self._recover_store()
+                continue
             self.state.step += 1
             self.state.round_step += 1
             self.log.write("train", step=self.state.step, **metrics)
@@ -297,6 +349,8 @@ class Trainer:
                 metrics.update(self.evaluate())
             if self.cfg.model.use_moe and (self.state.step % tc.expert_usage_interval == 0 or final):
                 self.log_expert_usage()
+            if self.tiered is not None and (self.state.step % tc.store_stats_interval == 0 or final):
+                self.log.write("store_stats", **self.tiered.stats(self.state.step))
             if self.state.step % tc.checkpoint_interval == 0 or final or end_of_round:
                 self.save_checkpoint(metrics)
             if final:
@@ -305,6 +359,21 @@ class Trainer:
                 self._next_round()
                 progress = Progress(tc.steps)
         return self._finish(stop, metrics)
+
+    def _recover_store(self) -> None:
+        """A tier actor restarted: its unflushed updates are gone. Roll back to the last flush (= the last
+        checkpoint) and replay the steps since, which see the same data, schedule and RNG as before."""
+        assert self.tiered is not None
+        lost_at = self.state.step + 1
+        checkpoint = self.bundle.latest_checkpoint()
+        self.tiered.recover()
+        load_model_weights(self.model, checkpoint / MODEL_FILE, skip_experts=True)
+        self.load_training_state(checkpoint)
+        self.sampler.restore(self.state.sampler)
+        replayed = lost_at - self.state.step
+        say(f"expert store: a tier actor restarted during step {lost_at}; resumed from the flush at step "
+            f"{self.state.step}, replaying {replayed} step(s)")
+        self.log.write("store_recovery", step=self.state.step, failed_step=lost_at, steps_replayed=replayed)
 
     def _start(self) -> None:
         params = count_parameters(self.model)

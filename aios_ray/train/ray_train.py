@@ -62,6 +62,15 @@ class RayTrainContext:
             yield Path(directory)
 
 
+    def open_expert_store(self, name: str, path: Path, layout: Any, capacity_gpu: int, capacity_dram: int) -> Any:
+        """The store's actors, created by name or found again (they outlive a restarted worker)."""
+        from actors.tier_actors import StoreConfig, create_store
+
+        config = StoreConfig(name=name, store_path=str(path), hidden_size=layout.hidden_size,
+                             ffn_size=layout.ffn_size, capacity_gpu=capacity_gpu, capacity_dram=capacity_dram)
+        return create_store(config)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     plan: RunPlan = config["plan"]
     data: TrainData = ray.get(config["data"])

@@ -1,0 +1,74 @@
+"""What the training loop needs from an expert store, and the in-process store used without Ray.
+
+``LocalStore`` runs the very tier classes the actors wrap (NVMe files, DRAM LRU, hot slab in
+/dev/shm) inside the training process: ``--no-ray`` runs and fast tests. The Ray version,
+``actors.tier_actors.StoreHandles``, has the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from aios_ray.store.nvme import NvmeStore
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import Slab, slab_path
+from aios_ray.store.tiered_experts import TieredExperts
+from aios_ray.store.tiers import DramTier, HotTier, Item, NvmeAsLower
+
+
+class StoreControl(Protocol):
+    layout: ExpertLayout
+
+    def experts_client(self) -> TieredExperts: ...
+    def keys(self) -> list[ExpertKey]: ...
+    def seed(self, items: Sequence[Item]) -> None: ...
+    def read_all(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]: ...
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None: ...
+    def flush(self) -> int: ...
+    def incarnations(self) -> tuple[str, ...]: ...
+    def reset(self) -> None: ...
+    def stats(self) -> list[dict[str, Any]]: ...
+
+
+class LocalStore:
+    def __init__(self, root: Path, layout: ExpertLayout, capacity_gpu: int, capacity_dram: int, name: str) -> None:
+        self.layout = layout
+        self.nvme = NvmeStore(root, layout)
+        self.dram = DramTier(capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
+        self.slab = Slab(slab_path("local", name), capacity_gpu, layout.numel, create=True)
+        self.hot = HotTier(self.slab, layout, self.dram)
+
+    def experts_client(self) -> TieredExperts:
+        return TieredExperts(self.hot, self.slab, self.layout)
+
+    def keys(self) -> list[ExpertKey]:
+        return self.nvme.keys()
+
+    def seed(self, items: Sequence[Item]) -> None:
+        self.nvme.write_many(list(items))
+
+    def read_all(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return list(self.nvme.read_many(list(keys)))
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        self.hot.prefetch([ExpertKey(layer, e) for e in expert_ids])
+
+    def flush(self) -> int:
+        return self.hot.flush()
+
+    def incarnations(self) -> tuple[str, ...]:
+        return (self.hot.incarnation, self.dram.incarnation)
+
+    def reset(self) -> None:
+        self.hot.reset()
+        self.dram.reset()
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [self.hot.stats(), self.dram.stats()]
+
+    def close(self) -> None:
+        self.slab.unlink()

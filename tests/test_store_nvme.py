@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aios_ray.errors import UserError
+from aios_ray.store.nvme import MANIFEST, NvmeStore, StoreCorruptError, StoreLayoutError
+from aios_ray.store.record import ExpertKey, ExpertLayout
+
+# 73,729 floats = 288 KiB a record: above Ray's 100 KiB inline limit, so results go to the object store.
+LAYOUT = ExpertLayout(hidden_size=64, ffn_size=128)
+
+
+def record(seed: int, layout: ExpertLayout = LAYOUT) -> np.ndarray:
+    """Random bit patterns (NaN payloads, denormals, -0.0 included), so equality is checked bit for bit."""
+    bits = np.random.default_rng(seed).integers(0, 2**32, layout.numel, dtype=np.uint32)
+    return bits.view(np.float32)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with NvmeStore(tmp_path / "nvme", LAYOUT) as s:
+        yield s
+
+
+def test_round_trip_is_bit_for_bit_and_keeps_versions(store: NvmeStore):
+    key = ExpertKey(3, 17)
+    store.write(key, record(1), version=1)
+    store.write(key, record(2), version=2)
+    flat, version = store.read(key)
+    assert same_bits(flat, record(2)) and version == 2 and store.version(key) == 2
+    assert flat.flags.writeable and flat.flags.c_contiguous
+    assert store.path(key) == store.root / "experts" / "L003-E00017.safetensors"
+    with NvmeStore(store.root, LAYOUT) as reopened:
+        flat, version = reopened.read(key)
+        assert same_bits(flat, record(2)) and version == 2
+
+
+def test_manifest_records_sha_version_bytes_and_layout(store: NvmeStore):
+    key = ExpertKey(0, 5)
+    store.write(key, record(0), version=7)
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    data = store.path(key).read_bytes()
+    assert manifest["layout"] == {"hidden_size": 64, "ffn_size": 128}
+    assert manifest["experts"]["L000-E00005"] == {"file": "experts/L000-E00005.safetensors", "version": 7,
+                                                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def test_file_is_a_plain_safetensors_file_with_the_named_parts(store: NvmeStore):
+    from safetensors.numpy import load_file
+
+    key = ExpertKey(1, 2)
+    store.write(key, record(4), version=1)
+    parts = load_file(store.path(key))
+    assert {name: p.shape for name, p in parts.items()} == LAYOUT.shapes
+    assert same_bits(parts["w_down"].ravel(), record(4)[slice(*LAYOUT.offsets["w_down"])])
+
+
+def test_write_many_adds_keys_with_one_manifest_write(store: NvmeStore, monkeypatch):
+    keys = [ExpertKey(layer, expert) for layer in range(2) for expert in range(3)]
+    manifest_writes = []
+    real = store._write_manifest
+    monkeypatch.setattr(store, "_write_manifest", lambda entries: (manifest_writes.append(1), real(entries)))
+    store.write_many([(key, record(i), i) for i, key in enumerate(keys)])
+    assert manifest_writes == [1]
+    assert store.keys() == keys and len(store) == 6 and ExpertKey(1, 2) in store and ExpertKey(9, 9) not in store
+    results = store.read_many(list(reversed(keys)))
+    for i, (key, (flat, version)) in enumerate(zip(reversed(keys), results, strict=True)):
+        assert same_bits(flat, record(len(keys) - 1 - i)) and version == store.version(key)
+    assert store.verify_all() == []
+
+
+def test_bad_batches_are_refused_before_anything_is_written(store: NvmeStore):
+    key = ExpertKey(0, 0)
+    with pytest.raises(ValueError, match="twice"):
+        store.write_many([(key, record(0), 1), (key, record(1), 2)])
+    with pytest.raises(ValueError, match="float32"):
+        store.write_many([(ExpertKey(0, 1), record(0), 1), (key, np.zeros(LAYOUT.numel), 1)])
+    with pytest.raises(ValueError, match="version"):
+        store.write(key, record(0), version=-1)
+    assert store.keys() == [] and list((store.root / "experts").iterdir()) == []
+    with pytest.raises(KeyError, match="L000-E00000"):
+        store.read(key)
+
+
+def test_writes_leave_no_temp_files_even_when_they_fail(store: NvmeStore, monkeypatch):
+    key = ExpertKey(2, 4)
+    store.write_many([(key, record(1), 1), (ExpertKey(2, 5), record(2), 1)])
+    assert temp_files(store.root) == []
+    manifest_before = (store.root / MANIFEST).read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.write(key, record(3), version=2)
+    monkeypatch.undo()
+    assert temp_files(store.root) == []
+    assert (store.root / MANIFEST).read_bytes() == manifest_before
+    flat, version = store.read(key)
+    assert same_bits(flat, record(1)) and version == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_data", "flip_header", "delete", "swap"])
+def test_damaged_expert_files_are_detected_with_their_path(store: NvmeStore, damage: str):
+    key, other = ExpertKey(1, 1), ExpertKey(1, 2)
+    store.write_many([(key, record(1), 1), (other, record(2), 1)])
+    path = store.path(key)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage in ("flip_data", "flip_header"):
+        data[-100 if damage == "flip_data" else 20] ^= 0x01
+        path.write_bytes(data)
+    elif damage == "delete":
+        path.unlink()
+    else:  # a complete, valid file of another expert under this name: only the checksum can tell
+        path.write_bytes(store.path(other).read_bytes())
+    with pytest.raises(StoreCorruptError, match=str(path)) as info:
+        store.read(key)
+    assert isinstance(info.value, UserError)
+    assert store.verify_all() == [str(path)]
+    assert same_bits(store.read(other)[0], record(2))
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"format": 1, "layout": {"hidden_size": 64, '
+                                     b'"ffn_size": 128}, "experts": {"L000-E00000": {"file": "../../etc/passwd", '
+                                     b'"sha256": "' + b"0" * 64 + b'", "version": 1, "bytes": 1}}}'])
+def test_corrupt_manifest_is_refused_naming_it(tmp_path: Path, content: bytes):
+    root = tmp_path / "nvme"
+    NvmeStore(root, LAYOUT).write(ExpertKey(0, 0), record(0), 1)
+    (root / MANIFEST).write_bytes(content)
+    with pytest.raises(StoreCorruptError, match=str(root / MANIFEST)):
+        NvmeStore(root, LAYOUT)
+
+
+def test_lost_manifest_beside_experts_is_refused(tmp_path: Path):
+    root = tmp_path / "nvme"
+    NvmeStore(root, LAYOUT).write(ExpertKey(0, 0), record(0), 1)
+    (root / MANIFEST).unlink()
+    with pytest.raises(StoreCorruptError, match="missing"):
+        NvmeStore(root, LAYOUT)
+
+
+def test_store_opened_with_another_layout_is_refused(tmp_path: Path):
+    root = tmp_path / "nvme"
+    NvmeStore(root, LAYOUT).write(ExpertKey(0, 0), record(0), 1)
+    with pytest.raises(StoreLayoutError, match="hidden=64 ffn=128, opened with hidden=64 ffn=256"):
+        NvmeStore(root, ExpertLayout(hidden_size=64, ffn_size=256))
+
+
+def test_reads_racing_writes_of_the_same_key_see_whole_records(store: NvmeStore):
+    """A reader may look up the old checksum and then open the new file; it must retry, not fail."""
+    key = ExpertKey(0, 0)
+    versions = {v: np.full(LAYOUT.numel, v, dtype=np.float32) for v in range(1, 21)}
+    store.write(key, versions[1], 1)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(60):
+                flat, version = store.read(key)
+                assert same_bits(flat, versions[version])
+        except BaseException as exc:  # noqa: B036 - reported to the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in range(2, 21):
+        store.write(key, versions[v], v)
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.ray
+def test_actor_serves_zero_copy_records_and_rebuilds_from_disk_after_a_restart(ray_local, tmp_path: Path):
+    from actors.nvme_store import create_nvme_store
+
+    ray = ray_local
+    name, namespace = f"nvme-{uuid.uuid4().hex[:8]}", "test-nvme"
+    actor = create_nvme_store(tmp_path / "nvme", LAYOUT, name=name, namespace=namespace)
+    try:
+        keys = [ExpertKey(layer, expert) for layer in range(2) for expert in range(4)]
+        ray.get(actor.write_many.remote([(key, record(i), i + 1) for i, key in enumerate(keys)]))
+        assert create_nvme_store(tmp_path / "nvme", LAYOUT, name=name, namespace=namespace) == actor
+        with pytest.raises(UserError, match="already serves"):
+            create_nvme_store(tmp_path / "other", LAYOUT, name=name, namespace=namespace)
+
+        flat, version = ray.get(actor.read.remote(keys[3]))
+        assert same_bits(flat, record(3)) and version == 4
+        assert flat.flags.writeable is False  # a view of the shared-memory object store, not a private copy
+        before = {key: hashlib.sha256(flat.tobytes()).hexdigest()
+                  for key, (flat, _) in zip(keys, ray.get(actor.read_many.remote(keys)), strict=True)}
+        stats = ray.get(actor.stats.remote())
+        assert stats["reads"] == 1 + len(keys) and stats["writes"] == len(keys) and stats["experts"] == len(keys)
+
+        ray.kill(actor, no_restart=False)
+        after_records = ray.get(actor.read_many.remote(keys))  # retried until the restarted actor answers
+        after = {key: hashlib.sha256(flat.tobytes()).hexdigest()
+                 for key, (flat, _) in zip(keys, after_records, strict=True)}
+        assert after == before
+        assert [version for _, version in after_records] == list(range(1, len(keys) + 1))
+        restarted = ray.get(actor.stats.remote())
+        assert restarted["pid"] != stats["pid"] and restarted["reads"] == len(keys)
+        assert ray.get(actor.keys.remote()) == keys and ray.get(actor.verify_all.remote()) == []
+    finally:
+        ray.kill(actor, no_restart=True)
