@@ -96,3 +96,52 @@ def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path
     expected = store.config.layout.views(torch.from_numpy(np.array(flat)))["w_down"]
     assert torch.equal(weights[1][1].detach(), expected)
     fresh.end_step()
+
+
+def _kill_when_step_reached(log_file: Path, step: int, actor_name: str, namespace: str, done: list) -> None:
+    import json
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log_file.exists():
+            steps = [json.loads(line).get("step", 0) for line in log_file.read_text().splitlines()
+                     if '"event": "train"' in line]
+            if steps and max(steps) >= step:
+                ray.kill(ray.get_actor(actor_name, namespace=namespace), no_restart=False)
+                done.append(max(steps))
+                return
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("victim", ["dram", "gpu0"])
+def test_training_survives_a_tier_actor_kill_and_replays_from_the_last_flush(ray_local, tmp_path: Path, victim):
+    """Kill a cache actor mid-run: the trainer notices its new incarnation, rolls back to the last flush
+    and replays; the replayed run ends with exactly the losses of a run that was never interrupted."""
+    import dataclasses
+    import threading
+
+    from aios_ray.tracking.jsonl import read_metrics
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    train = {"experts": "tiered", "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
+             "expert_usage_interval": 100, "store_stats_interval": 100}
+    reference, _ = run_training(debug_config(tmp_path / "reference", **train))
+    cfg = debug_config(tmp_path / "killed", **train)
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, use_ray=True))
+    killed_at: list[int] = []
+    log_file = tmp_path / "killed" / "brains" / "t" / "metrics.jsonl"
+    watcher = threading.Thread(target=_kill_when_step_reached,
+                               args=(log_file, 12, f"{cfg.train.brain_name}-{victim}", "aios-ray", killed_at))
+    watcher.start()
+    plan, summary = run_training(cfg)
+    watcher.join()
+    assert killed_at, "the run ended before the actor could be killed"
+    events = read_metrics(Path(plan.log_file))
+    recoveries = [e for e in events if e["event"] == "store_recovery"]
+    assert len(recoveries) == 1 and recoveries[0]["steps_replayed"] >= 1
+    final = {e["step"]: e["train_loss"] for e in events if e["event"] == "train"}  # replayed steps overwrite
+    expected = {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
+    assert summary["step"] == 40
+    assert final == pytest.approx(expected, rel=1e-5)

@@ -118,6 +118,10 @@ class TrainerState:
     sampler: SamplerState = field(default_factory=SamplerState)
 
 
+class TierRestarted(RuntimeError):
+    """A tier actor of the expert store restarted during a step: the step must be replayed."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
@@ -140,7 +144,7 @@ class Trainer:
             if source is not None:
                 load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
             if tc.experts == "tiered":
-                self.tiered = self._open_tiered()
+                self.tiered = self._open_tiered(resumed=source is not None)
             self.optimizer = build_optimizer(self.model, tc)
             if source is not None:
                 self.load_training_state(source)
@@ -158,12 +162,12 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
 
     # ---- state ---------------------------------------------------------------------------------
-    def _open_tiered(self) -> TieredRun:
+    def _open_tiered(self, resumed: bool) -> TieredRun:
         store_path = Path(self.cfg.train.store_path or Path(self.plan.bundle_root) / "expert_store").resolve()
         capacity_gpu, capacity_dram = TieredRun.plan_capacities(self.model, self.cfg)
         store = self.ctx.open_expert_store(self.cfg.train.brain_name, store_path, expert_layout(self.model),
                                            capacity_gpu, capacity_dram)
-        return TieredRun(self.model, store, self.cfg, store_path)
+        return TieredRun(self.model, store, self.cfg, store_path, resumed)
 
     def load_training_state(self, path: Path) -> None:
         """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
@@ -252,9 +256,11 @@ class Trainer:
             self.optimizer.step()
             if self.tiered is not None:
                 self.tiered.apply_optimizer(lr)  # the same AdamW arithmetic, in the leased slots
-        except BaseException:
+        except BaseException as exc:
             if self.tiered is not None:
                 self.tiered.abort_step()
+                if self.tiered.failed():  # a tier actor restarted under this step
+                    raise TierRestarted(str(exc)[:200]) from exc
             raise
         if self.tiered is not None:
             self.tiered.end_step(self.state.step + 1)
@@ -331,8 +337,12 @@ class Trainer:
             self.save_checkpoint({})  # the first flush: a tier failure before the next one replays from here
         metrics: dict[str, float] = {}
         while True:
-            metrics = self.train_step()
-            if self.tiered is not None and self.tiered.failed():
+            try:
+                metrics = self.train_step()
+                restarted = self.tiered is not None and self.tiered.failed()
+            except TierRestarted:
+                restarted = True
+            if restarted:
                 self._recover_store()
                 continue
             self.state.step += 1

@@ -28,13 +28,15 @@ HISTORY_STEPS = 4  # the usage-history predictor looks this many steps back
 
 
 class TieredRun:
-    def __init__(self, model: HRMACTv1, store: StoreControl, cfg: Config, store_path: Path) -> None:
+    def __init__(self, model: HRMACTv1, store: StoreControl, cfg: Config, store_path: Path, resumed: bool) -> None:
         self.model, self.store, self.cfg, self.store_path = model, store, cfg, store_path
         self.keys = expert_keys(model)
         self.history = AccessHistory(HISTORY_STEPS)
         self.step = 0
         if not store.keys():
             store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
+        elif resumed:
+            store.reset()  # caches may hold updates newer than the checkpoint we resume from: NVMe is the truth
         self.experts = store.experts_client()
         model.use_expert_source(self.experts)
         self.incarnations = store.incarnations()
