@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--log-file", required=True, help="metrics JSONL written by train")
     plot.add_argument("--out", help="PNG path (default: next to the log file, .png)")
     plot.set_defaults(func=_cmd_plot)
+
+    store = commands.add_parser("store", help="the tiered expert store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=OneLineParser)
+    stats = store_commands.add_parser("stats", help="per-tier occupancy, hit rates and bytes moved")
+    stats.add_argument("--store-path", help="a (finished or running) run's expert_store directory")
+    stats.add_argument("--name", help="brain name of a running store (its actors are found by name)")
+    stats.add_argument("--namespace", default="aios-ray", help="Ray namespace of the store (default: aios-ray)")
+    stats.add_argument("--address", help="Ray cluster address for --name (default: auto)")
+    stats.set_defaults(func=_cmd_store_stats)
     return parser
 
 
@@ -109,6 +118,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     log_file = Path(args.log_file)
     out = plot_run(log_file, Path(args.out) if args.out else log_file.with_suffix(".png"))
     print(f"plot: {out}")
+    return 0
+
+
+def _cmd_store_stats(args: argparse.Namespace) -> int:
+    from aios_ray.store.report import finished_store_stats, format_table, live_store_stats
+
+    if bool(args.store_path) == bool(args.name):
+        raise UserError("store stats: give exactly one of --store-path (any store) or --name (a running one)")
+    stats = (finished_store_stats(Path(args.store_path)) if args.store_path
+             else live_store_stats(args.name, args.namespace, args.address))
+    print(format_table(stats))
     return 0
 
 

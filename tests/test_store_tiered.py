@@ -157,3 +157,19 @@ def test_a_hot_tier_smaller_than_one_step_is_a_clear_error(tmp_path: Path):
 
     with pytest.raises(HotTierTooSmall, match="raise --capacity-gpu"):
         run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=2))
+
+
+def test_store_stats_command_prints_each_tier(tmp_path: Path, capsys):
+    from aios_ray.cli import main
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4))
+    capsys.readouterr()
+    assert main(["store", "stats", "--store-path", str(Path(plan.bundle_root) / "expert_store")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["tier", "entries", "used_MB", "hits", "misses", "hit_rate"]
+    hot, dram = lines[1].split(), lines[2].split()
+    assert hot[0] == "hot" and hot[1].endswith("/8") and 0 < float(hot[5]) <= 1
+    assert dram[0] == "dram" and "experts used in the last step of 8" in lines[3]
+    assert main(["store", "stats", "--store-path", str(tmp_path / "nope")]) == 2

@@ -1,0 +1,54 @@
+"""``aios-ray store stats``: per-tier occupancy, hit rates and bytes moved of a running or finished store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aios_ray.errors import DataError
+
+COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "prefetch_hits", "evictions", "MB_in",
+           "MB_out", "stall_s")
+
+
+def finished_store_stats(store_path: Path) -> dict[str, Any]:
+    """The last stats the trainer wrote next to the store (``stats.json``)."""
+    path = store_path / "stats.json"
+    if not path.is_file():
+        raise DataError(f"--store-path {store_path}: no stats.json (is it the expert_store of a tiered run?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: corrupt JSON ({exc})") from None
+
+
+def live_store_stats(name: str, namespace: str, address: str | None) -> dict[str, Any]:
+    """Ask the running store actors (found by name) for their counters."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=namespace, log_to_driver=False)
+    try:
+        gpu = ray.get_actor(f"{name}-gpu0", namespace=namespace)
+        dram = ray.get_actor(f"{name}-dram", namespace=namespace)
+    except ValueError:
+        raise DataError(f"--name {name}: no running store actors in namespace {namespace!r}") from None
+    return {"tiers": ray.get([gpu.stats.remote(), dram.stats.remote()])}
+
+
+def format_table(stats: dict[str, Any]) -> str:
+    rows = [COLUMNS]
+    for tier in stats["tiers"]:
+        capacity = tier.get("slots")
+        entries = f"{tier.get('entries', 0)}" + (f"/{capacity}" if capacity else "")
+        rows.append((tier["tier"], entries, f"{tier.get('used_bytes', 0) / 2**20:.1f}", f"{tier['hits']:.0f}",
+                     f"{tier['misses']:.0f}", f"{tier['hit_rate']:.3f}", f"{tier['prefetch_hits']:.0f}",
+                     f"{tier['evictions']:.0f}", f"{tier['bytes_in'] / 2**20:.1f}", f"{tier['bytes_out'] / 2**20:.1f}",
+                     f"{tier['stall_seconds']:.3f}"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    header = f"step {stats['step']}: " if "step" in stats else ""
+    extra = (f"{header}{stats.get('experts_used_last_step', '?')} experts used in the last step of "
+             f"{stats.get('total_experts', '?')}" if "total_experts" in stats else "")
+    return "\n".join([*lines, extra] if extra else lines)
