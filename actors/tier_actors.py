@@ -69,24 +69,11 @@ class ActorTier:
         return ray.get(self.handle.flush.remote()) if self._get == "get_many" else 0
 
 
-@ray.remote(max_concurrency=MAX_CONCURRENCY)
-class DramCacheActor:
-    def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
-        layout = config.layout
-        self.tier = DramTier(config.capacity_dram * layout.nbytes, layout,
-                             ActorTier(nvme, get="read_many", put="write_many"))
-        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
-        self.metrics = TierMetrics("dram")
+class _CacheActorBase:
+    """What both cache actors answer: flush, reset (recovery), incarnation and counters."""
 
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
-        return self.tier.get_many(keys)
-
-    def put_many(self, items: Sequence[Item]) -> None:
-        self.tier.put_many(items)
-
-    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
-        """Returns at once; the records are pulled from NVMe in the background."""
-        self.prefetcher.submit(self.tier.prefetch, [ExpertKey(layer, e) for e in expert_ids])
+    tier: Any
+    metrics: TierMetrics
 
     def flush(self) -> int:
         return self.tier.flush()
@@ -104,7 +91,28 @@ class DramCacheActor:
 
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
-class GpuCacheActor:
+class DramCacheActor(_CacheActorBase):
+    def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
+        layout = config.layout
+        self.tier = DramTier(config.capacity_dram * layout.nbytes, layout,
+                             ActorTier(nvme, get="read_many", put="write_many"))
+        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
+        self.metrics = TierMetrics("dram")
+
+    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+        return self.tier.get_many(keys)
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        self.tier.put_many(items)
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Returns at once; the records are pulled from NVMe in the background."""
+        self.prefetcher.submit(self.tier.prefetch, [ExpertKey(layer, e) for e in expert_ids])
+
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class GpuCacheActor(_CacheActorBase):
     """The hot tier. Without a GPU it keeps its slots in a shared-memory file (same rules)."""
 
     def __init__(self, config: StoreConfig, index: int, dram: ray.actor.ActorHandle) -> None:
@@ -131,22 +139,8 @@ class GpuCacheActor:
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> int:
         return self.tier.prefetch([ExpertKey(layer, e) for e in expert_ids])
 
-    def flush(self) -> int:
-        return self.tier.flush()
-
     def resident(self) -> dict[ExpertKey, int]:
         return self.tier.resident()
-
-    def reset(self) -> None:
-        self.tier.reset()
-
-    def incarnation(self) -> str:
-        return self.tier.incarnation
-
-    def stats(self) -> dict[str, Any]:
-        stats = self.tier.stats()
-        self.metrics.update(stats)
-        return stats
 
     def __ray_shutdown__(self) -> None:
         self.slab.unlink()
