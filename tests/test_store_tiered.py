@@ -173,3 +173,39 @@ def test_store_stats_command_prints_each_tier(tmp_path: Path, capsys):
     assert hot[0] == "hot" and hot[1].endswith("/8") and 0 < float(hot[5]) <= 1
     assert dram[0] == "dram" and "experts used in the last step of 8" in lines[3]
     assert main(["store", "stats", "--store-path", str(tmp_path / "nope")]) == 2
+
+
+def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Path):
+    import threading
+
+    layout = ExpertLayout(8, 16)
+    nvme, dram, hot, _slab = build_store(tmp_path, layout, hot_slots=4, dram_records=8)
+    keys = [ExpertKey(0, e) for e in range(4)]
+    nvme.write_many([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
+    hot.lease([keys[0]], "trainer")
+    hot.release("trainer")
+    gate, entered = threading.Event(), threading.Event()
+
+    class SlowLower:  # the DRAM tier, held up (a slow NVMe read) for the prefetch only
+        def get_many(self, wanted):
+            if keys[0] not in wanted:
+                entered.set()
+                gate.wait(10)
+            return dram.get_many(wanted)
+
+        def put_many(self, items):
+            dram.put_many(items)
+
+        def flush(self):
+            return dram.flush()
+
+    hot.lower = SlowLower()
+    prefetcher = threading.Thread(target=hot.prefetch, args=([keys[1], keys[2]],))
+    prefetcher.start()
+    assert entered.wait(10)
+    slots = hot.lease([keys[0]], "trainer")  # would block behind the prefetch if it held the lock
+    assert keys[0] in slots and prefetcher.is_alive()
+    gate.set()
+    prefetcher.join(10)
+    assert keys[1] in hot.resident() and keys[2] in hot.resident()
+    assert hot.stats()["prefetches_issued"] == 2

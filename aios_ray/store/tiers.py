@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from aios_ray.store.policy import TierPolicy
+from aios_ray.store.policy import TierFullError, TierPolicy
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import Slab
 
@@ -75,11 +75,15 @@ class DramTier:
 
     def prefetch(self, keys: Iterable[ExpertKey]) -> int:
         with self.lock:
-            missing = [k for k in keys if k not in self.policy]
-            if missing:
-                records = self.lower.get_many(missing)
-                self._admit(list(zip(missing, records, strict=True)), dirty=False, prefetched=True)
-            return len(missing)
+            missing = [k for k in dict.fromkeys(keys) if k not in self.policy]
+        if not missing:
+            return 0
+        records = self.lower.get_many(missing)  # outside the lock: demand reads never wait for a prefetch
+        with self.lock:
+            fresh = [(k, r) for k, r in zip(missing, records, strict=True) if k not in self.policy]
+            self._admit(fresh, dirty=False, prefetched=True)
+            self.policy.record_bytes(bytes_in=len(fresh) * self.layout.nbytes)
+            return len(fresh)
 
     def _admit(self, entries: list[tuple[ExpertKey, tuple[np.ndarray, int]]], dirty: bool,
                prefetched: bool = False) -> None:
@@ -160,13 +164,27 @@ class HotTier:
             return len(keys)
 
     def prefetch(self, keys: Iterable[ExpertKey]) -> int:
-        """Bring keys in ahead of need, if there is room that no pinned slot holds."""
+        """Bring keys in ahead of need, where room is free or unpinned. The records are fetched outside
+        the lock, so a lease arriving meanwhile is served at once instead of waiting for the prefetch."""
         with self.lock:
             missing = [k for k in dict.fromkeys(keys) if k not in self.policy]
             room = self.slab.num_slots - sum(1 for k in self.slot_of if self.policy.pinned(k))
             missing = missing[:max(room, 0)]
-            self._load(missing, prefetched=True, pin_for=None)
-            return len(missing)
+        if not missing:
+            return 0
+        records = self.lower.get_many(missing)
+        loaded = 0
+        with self.lock:
+            for key, record in zip(missing, records, strict=True):
+                if key in self.policy:
+                    continue  # a lease brought it in meanwhile
+                try:
+                    self._install(key, record, prefetched=True, pin_for=None)
+                except TierFullError:
+                    break  # leases took the room meanwhile
+                loaded += 1
+            self.policy.record_bytes(bytes_in=loaded * self.layout.nbytes)
+        return loaded
 
     def mark_dirty(self, keys: Iterable[ExpertKey]) -> None:
         with self.lock:
@@ -178,18 +196,24 @@ class HotTier:
             return
         started = time.perf_counter()
         records = self.lower.get_many(keys)
-        for key, (flat, version) in zip(keys, records, strict=True):
-            evictions = self.policy.admit(key, self.layout.nbytes, prefetched=prefetched, version=version)
-            self._evict(evictions)
-            slot = self.free.pop()
-            self.slab.row(slot).copy_(_as_tensor(flat))
-            self.slot_of[key], self.version[key] = slot, version
-            if pin_for is not None:
-                self.policy.pin(key)
-                pin_for.append(key)
+        for key, record in zip(keys, records, strict=True):
+            self._install(key, record, prefetched=prefetched, pin_for=pin_for)
         if not prefetched:
             self.policy.record_stall(time.perf_counter() - started)
         self.policy.record_bytes(bytes_in=len(keys) * self.layout.nbytes)
+
+    def _install(self, key: ExpertKey, record: tuple[np.ndarray, int], prefetched: bool,
+                 pin_for: list[ExpertKey] | None) -> None:
+        """Admit one record into a slot (evicting, with write-back, as the policy says); caller holds the lock."""
+        flat, version = record
+        evictions = self.policy.admit(key, self.layout.nbytes, prefetched=prefetched, version=version)
+        self._evict(evictions)
+        slot = self.free.pop()
+        self.slab.row(slot).copy_(_as_tensor(flat))
+        self.slot_of[key], self.version[key] = slot, version
+        if pin_for is not None:
+            self.policy.pin(key)
+            pin_for.append(key)
 
     def _evict(self, evictions: list) -> None:
         dirty = [(e.key, self.slab.row(self.slot_of[e.key]).numpy().copy(), e.version) for e in evictions if e.dirty]
