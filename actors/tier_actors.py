@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.nvme_store import create_nvme_store
+from aios_ray.errors import UserError
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import Slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
@@ -59,7 +60,9 @@ class ActorTier:
     def __init__(self, handle: ray.actor.ActorHandle, get: str = "get_many", put: str = "put_many") -> None:
         self.handle, self._get, self._put = handle, get, put
 
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
+        if self._get == "get_many":
+            return ray.get(self.handle.get_many.remote(list(keys), for_prefetch))
         return ray.get(getattr(self.handle, self._get).remote(list(keys)))
 
     def put_many(self, items: Sequence[Item]) -> None:
@@ -70,10 +73,14 @@ class ActorTier:
 
 
 class _CacheActorBase:
-    """What both cache actors answer: flush, reset (recovery), incarnation and counters."""
+    """What both cache actors answer: flush, reset (recovery), incarnation, counters, config."""
 
     tier: Any
     metrics: TierMetrics
+    config: StoreConfig
+
+    def store_config(self) -> StoreConfig:
+        return self.config
 
     def flush(self) -> int:
         return self.tier.flush()
@@ -93,14 +100,15 @@ class _CacheActorBase:
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DramCacheActor(_CacheActorBase):
     def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
+        self.config = config
         layout = config.layout
         self.tier = DramTier(config.capacity_dram * layout.nbytes, layout,
                              ActorTier(nvme, get="read_many", put="write_many"))
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
         self.metrics = TierMetrics("dram")
 
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
-        return self.tier.get_many(keys)
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
+        return self.tier.get_many(keys, for_prefetch)
 
     def put_many(self, items: Sequence[Item]) -> None:
         self.tier.put_many(items)
@@ -116,8 +124,9 @@ class GpuCacheActor(_CacheActorBase):
     """The hot tier. Without a GPU it keeps its slots in a shared-memory file (same rules)."""
 
     def __init__(self, config: StoreConfig, index: int, dram: ray.actor.ActorHandle) -> None:
+        self.config = config
         layout = config.layout
-        path = slab_path(config.namespace, f"{config.name}-gpu{index}")
+        path = slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path)
         # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
         path.unlink(missing_ok=True)
         self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
@@ -234,4 +243,8 @@ def create_store(config: StoreConfig) -> StoreHandles:
     dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)
     gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=0, **options).remote(config, i, dram)
            for i in range(config.num_gpu_caches)]
+    for actor in (dram, *gpu):  # found by name: it must be this store, not another run's
+        existing = ray.get(actor.store_config.remote())
+        if existing != config:
+            raise UserError(f"store actors named {config.name!r} already serve {existing}; asked for {config}")
     return StoreHandles(config, nvme, dram, gpu)

@@ -187,11 +187,11 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
     gate, entered = threading.Event(), threading.Event()
 
     class SlowLower:  # the DRAM tier, held up (a slow NVMe read) for the prefetch only
-        def get_many(self, wanted):
-            if keys[0] not in wanted:
+        def get_many(self, wanted, for_prefetch=False):
+            if for_prefetch:
                 entered.set()
                 gate.wait(10)
-            return dram.get_many(wanted)
+            return dram.get_many(wanted, for_prefetch)
 
         def put_many(self, items):
             dram.put_many(items)
@@ -209,3 +209,4 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
     prefetcher.join(10)
     assert keys[1] in hot.resident() and keys[2] in hot.resident()
     assert hot.stats()["prefetches_issued"] == 2
+    assert dram.stats()["misses"] == 1  # the demand load of keys[0]; the prefetch is not a DRAM miss

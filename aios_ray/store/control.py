@@ -39,7 +39,7 @@ class LocalStore:
         self.layout = layout
         self.nvme = NvmeStore(root, layout)
         self.dram = DramTier(capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
-        self.slab = Slab(slab_path("local", name), capacity_gpu, layout.numel, create=True)
+        self.slab = Slab(slab_path("local", name, str(root)), capacity_gpu, layout.numel, create=True)
         self.hot = HotTier(self.slab, layout, self.dram)
 
     def experts_client(self) -> TieredExperts:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,18 +114,23 @@ def _readinto_exact(f: BinaryIO, view: memoryview, path: Path) -> None:
 class NvmeStore:
     """Expert records on a local disk, one safetensors file each, indexed by a checksummed manifest.
 
-    Thread-safe: writes are serialised (they rewrite the manifest); reads run concurrently and
-    ``read_many`` fans out over a small thread pool, because a read is disk wait plus a sha256 that
-    releases the GIL, so several in flight keep both the disk queue and the cores busy.
+    Thread-safe: writes are serialised (they rewrite the manifest) and fan their files out over a few
+    threads (fsyncs overlap); reads run concurrently with each other and with writes.
+
+    ``read_many`` reads in the calling thread but asks the kernel to read ``prefetch`` files ahead
+    (``POSIX_FADV_WILLNEED``), so the disk works while this thread hashes. That keeps the disk queue full
+    without reader threads, which on a busy 2-core machine lost to the GIL and the scheduler (interleaved
+    cold-cache runs: 0.92 of a plain sequential read with 4 files ahead, 0.67 with a 4-thread pool).
     """
 
-    def __init__(self, root: Path | str, layout: ExpertLayout, *, read_threads: int = 4) -> None:
+    def __init__(self, root: Path | str, layout: ExpertLayout, *, prefetch: int = 4, write_threads: int = 4) -> None:
         self.root = Path(root)
         self.layout = layout
-        self.read_threads = read_threads
+        self.prefetch = prefetch
+        self.write_threads = write_threads
         self._lock = threading.Lock()  # held by writers; a read takes it only to retry after a mismatch
         self._pool_lock = threading.Lock()
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pool: ThreadPoolExecutor | None = None
         (self.root / EXPERTS).mkdir(parents=True, exist_ok=True)
         self._entries = self._open_manifest()
 
@@ -229,7 +234,7 @@ class NvmeStore:
         if not batch:
             return
         with self._lock:
-            written = list(self._executor("write").map(lambda item: self._write_file(*item), batch))
+            written = list(self._executor().map(lambda item: self._write_file(*item), batch))
             fsync_dir(self.root / EXPERTS)
             entries = dict(self._entries)
             entries.update(zip((key for key, _, _ in batch), written, strict=True))
@@ -268,10 +273,34 @@ class NvmeStore:
                 return self._read_file(entry), entry.version
 
     def read_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
-        """``read`` of each key, in order, several in flight (disk queue depth + hashing on all cores)."""
-        if len(keys) <= 1:
-            return [self.read(key) for key in keys]
-        return list(self._executor("read").map(self.read, keys))
+        """``read`` of each key, in order, with the kernel reading ``prefetch`` files ahead."""
+        return [(flat, version) for _, flat, version in self.iter_read(keys)]
+
+    def iter_read(self, keys: Sequence[ExpertKey]) -> Iterator[tuple[ExpertKey, np.ndarray, int]]:
+        """Stream (key, record, version) with read-ahead, for callers that consume records one by one
+        (a list of all records costs page faults for fresh memory the stream does not need)."""
+        paths = [self.root / self._entry(key).file for key in keys]  # unknown keys fail before any I/O
+        for path in paths[:self.prefetch]:
+            self._advise_willneed(path)
+        for i, key in enumerate(keys):
+            if i + self.prefetch < len(paths):
+                self._advise_willneed(paths[i + self.prefetch])
+            flat, version = self.read(key)
+            yield key, flat, version
+
+    @staticmethod
+    def _advise_willneed(path: Path) -> None:
+        """Start reading ``path`` into the page cache in the background (a hint: failures are ignored)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the read itself reports a missing file
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def verify_all(self) -> list[str]:
         """Paths of the expert files that fail their checksum or structure check (empty if all good)."""
@@ -338,19 +367,17 @@ class NvmeStore:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def _executor(self, kind: str) -> ThreadPoolExecutor:
-        """One pool for reads, one for writes: a writer holds ``_lock`` while it waits for its file writes,
-        and a read retry waits for ``_lock``, so sharing one pool could deadlock."""
+    def _executor(self) -> ThreadPoolExecutor:
+        """The write pool. Its tasks never take ``_lock`` (the writer holding it waits for them)."""
         with self._pool_lock:
-            if kind not in self._pools:
-                self._pools[kind] = ThreadPoolExecutor(max_workers=self.read_threads,
-                                                       thread_name_prefix=f"nvme-store-{kind}")
-            return self._pools[kind]
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="nvme-write")
+            return self._pool
 
     def close(self) -> None:
         with self._pool_lock:
-            pools, self._pools = self._pools, {}
-        for pool in pools.values():
+            pool, self._pool = self._pool, None
+        if pool is not None:
             pool.shutdown(wait=True)
 
     def __enter__(self) -> NvmeStore:

@@ -9,6 +9,7 @@ handle of one device allocation; that export/import sits behind this class's int
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,9 +18,12 @@ import torch
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
-def slab_path(namespace: str, name: str) -> Path:
+def slab_path(namespace: str, name: str, store_root: str) -> Path:
+    """One slab file per store: the store's directory is part of the name, so two stores that share a
+    brain name (two runs, two test sessions) never map each other's slots."""
+    digest = hashlib.sha1(str(Path(store_root).resolve()).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{namespace}-{name}")
-    return SHM_DIR / f"aios-ray-{safe}.slab"
+    return SHM_DIR / f"aios-ray-{safe}-{digest}.slab"
 
 
 class Slab:

@@ -25,7 +25,7 @@ Item = tuple[ExpertKey, np.ndarray, int]  # key, flat record, version
 
 
 class LowerTier(Protocol):
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]: ...
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]: ...
     def put_many(self, items: Sequence[Item]) -> None: ...
     def flush(self) -> int: ...
 
@@ -36,7 +36,7 @@ class NvmeAsLower:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
         return list(self.store.read_many(list(keys)))
 
     def put_many(self, items: Sequence[Item]) -> None:
@@ -56,16 +56,22 @@ class DramTier:
         self.lock = threading.RLock()
         self.incarnation = uuid.uuid4().hex  # a restarted actor is a new incarnation: its unflushed data is gone
 
-    def get_many(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]:
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
+        """Records for the tier above. ``for_prefetch``: the hot tier is prefetching, so this is not a
+        demand access and is kept out of the hit, miss and stall counters."""
         with self.lock:
-            found = {k: self.records[k] for k in keys if self.policy.lookup(k)}
+            if for_prefetch:
+                found = {k: self.records[k] for k in keys if k in self.policy}
+            else:
+                found = {k: self.records[k] for k in keys if self.policy.lookup(k)}
             missing = [k for k in dict.fromkeys(keys) if k not in found]
             if missing:
                 started = time.perf_counter()
                 loaded = list(zip(missing, self.lower.get_many(missing), strict=True))
                 self._admit(loaded, dirty=False)  # a batch larger than the tier still returns whole
                 found.update(loaded)
-                self.policy.record_stall(time.perf_counter() - started)
+                if not for_prefetch:
+                    self.policy.record_stall(time.perf_counter() - started)
                 self.policy.record_bytes(bytes_in=len(missing) * self.layout.nbytes)
             return [found[k] for k in keys]
 
@@ -172,7 +178,7 @@ class HotTier:
             missing = missing[:max(room, 0)]
         if not missing:
             return 0
-        records = self.lower.get_many(missing)
+        records = self.lower.get_many(missing, for_prefetch=True)
         loaded = 0
         with self.lock:
             for key, record in zip(missing, records, strict=True):

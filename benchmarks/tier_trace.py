@@ -1,0 +1,379 @@
+"""Replay a sequential multi-game expert access trace through the real tiered-store actors.
+
+What is measured, and why: the hot (GPU) tier's hit rate and demand-load stall time of the tiered expert store
+(``NvmeStoreActor`` -> ``DramCacheActor`` -> ``GpuCacheActor``, the real Ray actors of ``actors/``) when an RL
+trainer plays several games one after the other, once without prefetch and once with the game-aware prefetch,
+in the same process on fresh stores. The question is whether knowing the game (an environment detector) plus a
+per-game usage history keeps the experts resident before they are needed: the issue's bars are a GPU hit rate
+``>= 0.95`` with prefetch and a stall reduction ``>= 5x``.
+
+Trace model (seeded, ``--seed``):
+
+* ``--layers`` (6) layers of ``--experts`` (256) experts. Every game ``g`` has, per layer, a fixed expert group of
+  8..16 experts (size drawn per game and layer), disjoint between games: what a game-aware router with per-game
+  expert groups gives. Within a group, popularity is Zipf-like (weight ``1 / rank**--zipf``, s=1).
+* ``--games`` (5) games visited in blocks of ``--steps-per-game`` (1000) steps, in order 0..G-1 (``--rounds`` > 1
+  visits them again in the same order).
+* Each step and layer, a top-2 router over ``--tokens`` (64) tokens: every token picks 2 distinct experts of the
+  game's group by popularity (Gumbel top-k sampling without replacement); with probability ``--p-outside``
+  (0.005 = 0.5% of tokens) the token's second expert is instead a uniform pick among the layer's experts outside
+  the group. The step touches the union of the picks over all layers.
+
+Store: the actors have one capacity for all layers, so the per-layer tiers of the spec (GPU 32, DRAM 128 per
+layer) become ``capacity_gpu = 32 * layers`` slots and ``capacity_dram = 128 * layers`` records. Records are small
+(``--hidden 32 --ffn 64``: 18,433 fp32 = 73,732 bytes with the optimizer state) so all
+``layers * experts`` fit on disk quickly; the NVMe store is seeded with every expert (one ``write_many`` per layer,
+not timed) under a temporary directory.
+
+Per step the replay does what a training step does with the store: one ``lease`` of all the step's keys (all
+layers) and, after an optional ``--compute-ms`` sleep standing in for the step's compute, one ``release``. Both
+variants lease exactly the same keys, so the GPU cache's own counters (``stats()``) compare like for like:
+``gpu_hit_rate = hits / (hits + misses)`` over distinct (layer, expert) accesses per step, and ``stall_seconds``
+is the time ``HotTier`` spent on demand loads (``record_stall`` is called for lease misses only, never for
+prefetch loads).
+
+Prefetch variant: right after the lease of step ``t`` (so that it overlaps step ``t``'s compute and release), the
+trainer prefetches for step ``t+1``. Assumptions, stated in the output too:
+
+* The game of step ``t+1`` is known at step ``t``: in the trace it is the step's game id, standing in for the CNN
+  environment detector of the RL part run on the next batch, which the rollout workers collected already.
+* Prediction: a per-game ``AccessHistory`` (``--history-window`` steps) of the experts each layer used; on the
+  first visit to a game the history is empty and the game's expert group is taken from the game-aware routing
+  table (the router's per-game groups are known before any step of the game; only the rare out-of-group picks
+  are not).
+* At a game switch (the next step's game differs) ``dram.prefetch(layer, group)`` is called for the next game's
+  full group; every step ``gpu.prefetch(layer, predicted)`` is called for each layer whose predicted experts are
+  not all among the keys leased in the last ``--history-window`` steps (those are resident: their union, ~90 keys,
+  sits well inside 192 LRU slots, so a prefetch of them would do nothing but cost an actor call). In a block of
+  one game the history predicts exactly what was leased recently, so the calls come at game switches. Both calls
+  are fire-and-forget; the hot tier only fills free or unpinned room.
+
+Also reported: the client-side time spent in the lease calls (Ray round trips included, and any wait for the hot
+tier's lock, which a concurrent prefetch holds while it loads), the stall split between the first
+``--switch-steps`` steps after each game switch and the rest, DRAM hit rate (its lookups include the GPU tier's
+prefetch loads), and the wall time of each replay.
+
+Finding (benchmarks/RESULTS.md): prefetch removes every game-switch miss, but the stall is dominated by the
+out-of-group picks, which no game- or history-based predictor can foresee; each costs a synchronous
+GPU -> DRAM -> NVMe actor round trip, so with 0.5% of tokens out of group the stall ratio stays near 1.
+
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/tier_trace.py [--steps-per-game 1000] [--games 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.tier_actors import StoreConfig, StoreHandles, create_store
+from aios_ray.store.policy import AccessHistory
+from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.slab import slab_path
+
+NAMESPACE = "aios-ray-tier-trace"
+HOLDER = "trainer"
+
+
+@dataclass
+class Trace:
+    """The replayed accesses: per step its game and the distinct keys it touches (all layers)."""
+
+    groups: list[list[np.ndarray]]  # game -> layer -> expert ids, most popular first
+    games: np.ndarray  # game id of each step
+    keys: list[list[ExpertKey]]  # step -> sorted distinct keys
+    per_layer: list[list[list[int]]]  # step -> layer -> distinct expert ids
+    outside_picks: int  # token picks routed outside the game's group
+
+
+def build_trace(args: argparse.Namespace) -> Trace:
+    rng = np.random.default_rng(args.seed)
+    groups: list[list[np.ndarray]] = [[] for _ in range(args.games)]
+    for _layer in range(args.layers):
+        order = rng.permutation(args.experts)
+        sizes = rng.integers(args.group_min, args.group_max + 1, size=args.games)
+        if sizes.sum() > args.experts:
+            raise SystemExit(f"{args.games} games x up to {args.group_max} experts do not fit in {args.experts}")
+        start = 0
+        for g, size in enumerate(sizes):
+            groups[g].append(order[start:start + size])
+            start += size
+    games = np.repeat(np.tile(np.arange(args.games), args.rounds), args.steps_per_game)
+    keys: list[list[ExpertKey]] = []
+    per_layer: list[list[list[int]]] = []
+    outside = 0
+    for g in games:
+        layers: list[list[int]] = []
+        for layer in range(args.layers):
+            group = groups[g][layer]
+            logw = -args.zipf * np.log(np.arange(1, len(group) + 1))
+            scores = logw[None, :] + rng.gumbel(size=(args.tokens, len(group)))
+            picks = group[np.argpartition(-scores, 1, axis=1)[:, :2]]  # top-2 without replacement
+            out = rng.random(args.tokens) < args.p_outside
+            if out.any():
+                others = np.setdiff1d(np.arange(args.experts), group)
+                picks[out, 1] = rng.choice(others, size=int(out.sum()))
+                outside += int(out.sum())
+            layers.append(sorted(int(e) for e in np.unique(picks)))
+        per_layer.append(layers)
+        keys.append([ExpertKey(layer, e) for layer, ids in enumerate(layers) for e in ids])
+    return Trace(groups, games, keys, per_layer, outside)
+
+
+@dataclass
+class Phase:
+    """GPU counters summed over one kind of step (first steps after a switch, or the rest)."""
+
+    hits: int = 0
+    misses: int = 0
+    stall: float = 0.0
+
+    def add(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        self.hits += after["hits"] - before["hits"]
+        self.misses += after["misses"] - before["misses"]
+        self.stall += after["stall_seconds"] - before["stall_seconds"]
+
+
+@dataclass
+class Result:
+    variant: str
+    wall: float
+    lease_wait: float
+    gpu: dict[str, Any]
+    dram: dict[str, Any]
+    nvme: dict[str, Any]
+    prefetch_calls: int
+    rtt: float  # median seconds of an empty actor call
+    driver_prefetch: float  # seconds the driver spent predicting and issuing prefetches
+    phases: dict[str, Phase] = field(default_factory=dict)
+
+    @property
+    def gpu_hit_rate(self) -> float:
+        return self.gpu["hits"] / max(self.gpu["hits"] + self.gpu["misses"], 1)
+
+    @property
+    def dram_hit_rate(self) -> float:
+        return self.dram["hits"] / max(self.dram["hits"] + self.dram["misses"], 1)
+
+
+def seed_store(handles: StoreHandles, layers: int, experts: int) -> None:
+    rng = np.random.default_rng(1234)
+    numel = handles.config.layout.numel
+    for layer in range(layers):
+        items = [(ExpertKey(layer, e), rng.standard_normal(numel, dtype=np.float32), 0)
+                 for e in range(experts)]
+        ray.get(handles.nvme.write_many.remote(items))
+
+
+def predict(trace: Trace, history: dict[int, AccessHistory], game: int, layer: int, top: int) -> list[int]:
+    hist = history.get(game)
+    if hist is not None and hist.steps():
+        return hist.predict(layer, top=top)
+    return [int(e) for e in trace.groups[game][layer][:top]]  # first visit: the routing table's group
+
+
+def replay(trace: Trace, args: argparse.Namespace, root: Path, prefetch: bool) -> Result:
+    variant = "with_prefetch" if prefetch else "without_prefetch"
+    config = StoreConfig(name=f"trace-{variant}-{os.getpid()}", store_path=str(root / variant),
+                         hidden_size=args.hidden, ffn_size=args.ffn,
+                         capacity_gpu=args.gpu_per_layer * args.layers,
+                         capacity_dram=args.dram_per_layer * args.layers, namespace=NAMESPACE)
+    handles = create_store(config)
+    try:
+        seed_store(handles, args.layers, args.experts)
+        return _replay(trace, args, handles, variant, prefetch)
+    finally:
+        for handle in (*handles.gpu, handles.dram, handles.nvme):
+            ray.kill(handle, no_restart=True)
+        slab_path(NAMESPACE, f"{config.name}-gpu0", config.store_path).unlink(missing_ok=True)
+
+
+def _replay(trace: Trace, args: argparse.Namespace, handles: StoreHandles, variant: str, prefetch: bool) -> Result:
+    gpu, dram = handles.gpu[0], handles.dram
+    n = len(trace.keys)
+    rtt = []
+    for _ in range(200):  # baseline: one actor round trip that moves nothing (release of a holder with no lease)
+        t = time.perf_counter()
+        ray.get(gpu.release.remote("nobody"))
+        rtt.append(time.perf_counter() - t)
+    history: dict[int, AccessHistory] = {}
+    pending: list[ray.ObjectRef] = []
+    phases = {"switch": Phase(), "steady": Phase()}
+    prefetch_calls = 0
+    compute = args.compute_ms / 1000
+    window: deque[int] = deque()  # the last steps, whose keys ``recent`` counts per layer
+    recent: list[Counter[int]] = [Counter() for _ in range(args.layers)]
+    driver_prefetch = 0.0
+
+    def issue_prefetch(step: int) -> None:
+        nonlocal pending, prefetch_calls
+        game = int(trace.games[step])
+        if step == 0 or game != trace.games[step - 1]:
+            for layer in range(args.layers):
+                pending.append(dram.prefetch.remote(layer, [int(e) for e in trace.groups[game][layer]]))
+        for layer in range(args.layers):
+            ids = predict(trace, history, game, layer, args.gpu_per_layer)
+            if any(recent[layer][e] == 0 for e in ids):
+                pending.append(gpu.prefetch.remote(layer, ids))
+                prefetch_calls += 1
+        if len(pending) > 64:  # surface errors, bound the backlog; never blocks on unfinished calls
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ray.get(ready)
+
+    if prefetch:
+        issue_prefetch(0)  # the first batch's game is known before the first step
+    mark = ray.get(gpu.stats.remote())
+    phase = "switch"
+    started = last_report = time.perf_counter()
+    lease_wait = 0.0
+    for step in range(n):
+        game = int(trace.games[step])
+        new_phase = "switch" if step % args.steps_per_game < args.switch_steps else "steady"
+        if new_phase != phase:
+            now = ray.get(gpu.stats.remote())
+            phases[phase].add(mark, now)
+            mark, phase = now, new_phase
+        keys = trace.keys[step]
+        t = time.perf_counter()
+        ray.get(gpu.lease.remote(keys, HOLDER))
+        lease_wait += time.perf_counter() - t
+        hist = history.setdefault(game, AccessHistory(args.history_window))
+        for layer, ids in enumerate(trace.per_layer[step]):
+            hist.record(step, layer, ids)
+        if prefetch and step + 1 < n:
+            t = time.perf_counter()
+            window.append(step)
+            for layer, ids in enumerate(trace.per_layer[step]):
+                recent[layer].update(ids)
+            if len(window) > args.history_window:
+                for layer, ids in enumerate(trace.per_layer[window.popleft()]):
+                    recent[layer].subtract(ids)
+            issue_prefetch(step + 1)
+            driver_prefetch += time.perf_counter() - t
+        if compute:
+            time.sleep(compute)
+        ray.get(gpu.release.remote(HOLDER))
+        now_t = time.perf_counter()
+        if now_t - last_report >= args.progress_seconds:
+            rate = (step + 1) / (now_t - started)
+            print(f"  [{variant}] step {step + 1}/{n}  {rate:.0f} steps/s  ETA {(n - step - 1) / rate:.0f}s",
+                  flush=True)
+            last_report = now_t
+    wall = time.perf_counter() - started
+    ray.get(pending)
+    gpu_stats, dram_stats, nvme_stats = handles.stats()
+    phases[phase].add(mark, gpu_stats)
+    return Result(variant, wall, lease_wait, gpu_stats, dram_stats, nvme_stats, prefetch_calls,
+                  float(np.median(rtt)), driver_prefetch, phases)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps-per-game", type=int, default=1000)
+    parser.add_argument("--games", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=1, help="times the game sequence is played")
+    parser.add_argument("--gpu-per-layer", type=int, default=32)
+    parser.add_argument("--dram-per-layer", type=int, default=128)
+    parser.add_argument("--group-min", type=int, default=8)
+    parser.add_argument("--group-max", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=32, help="record layout: hidden size")
+    parser.add_argument("--ffn", type=int, default=64, help="record layout: ffn size")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens routed per step and layer (top-2)")
+    parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent within a game's group")
+    parser.add_argument("--p-outside", type=float, default=0.005,
+                        help="share of tokens whose second expert is outside the game's group")
+    parser.add_argument("--history-window", type=int, default=8)
+    parser.add_argument("--switch-steps", type=int, default=10, help="steps after a switch counted as 'switch'")
+    parser.add_argument("--compute-ms", type=float, default=0.0, help="sleep between lease and release")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress-seconds", type=float, default=15.0)
+    args = parser.parse_args()
+
+    layout = ExpertLayout(args.hidden, args.ffn)
+    trace = build_trace(args)
+    n = len(trace.keys)
+    union = np.array([len(k) for k in trace.keys])
+    sizes = [[len(x) for x in g] for g in trace.groups]
+    print(f"machine: {platform.machine()} {platform.processor() or ''} nproc={os.cpu_count()}, "
+          f"ray {ray.__version__}, python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"trace: {args.games} games x {args.steps_per_game} steps x {args.rounds} round(s) = {n} steps, "
+          f"{args.layers} layers x {args.experts} experts, seed {args.seed}")
+    print(f"  game groups (experts per layer, disjoint between games): {sizes}")
+    print(f"  router: {args.tokens} tokens x top-2 per layer and step, Zipf s={args.zipf} within the group, "
+          f"{args.p_outside * 100:g}% of tokens send their 2nd pick outside the group "
+          f"({trace.outside_picks} picks in all)")
+    print(f"store: capacity_gpu={args.gpu_per_layer}x{args.layers}={args.gpu_per_layer * args.layers} slots, "
+          f"capacity_dram={args.dram_per_layer}x{args.layers}={args.dram_per_layer * args.layers} records "
+          f"(one capacity shared by all layers), record {layout.nbytes:,} bytes "
+          f"(hidden={args.hidden}, ffn={args.ffn}, fp32 weights + Adam state)")
+    print("per step: 1 lease (all layers' keys) + " + (f"{args.compute_ms} ms sleep + " if args.compute_ms else "")
+          + "1 release; prefetch variant: after the lease, prefetch for the next step")
+    print("assumptions: the next step's game id is known (stands in for the CNN environment detector on the next "
+          "batch); first visit to a game predicts its group from the game-aware routing table, later steps use a "
+          f"per-game AccessHistory(window={args.history_window})")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root = Path(tempfile.mkdtemp(prefix="tier-trace-"))
+    try:
+        results = {}
+        for prefetch in (False, True):
+            print(f"replay {'with' if prefetch else 'without'} prefetch ...", flush=True)
+            r = replay(trace, args, root, prefetch)
+            results[r.variant] = r
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+    off, on = results["without_prefetch"], results["with_prefetch"]
+    print(f"per_step_union_mean={union.mean():.2f}  (min {union.min()}, max {union.max()}; distinct keys a step "
+          "leases = GPU lookups per step)")
+    for r in (off, on):
+        name = r.variant
+        g, d = r.gpu, r.dram
+        print(f"--- {name}: wall {r.wall:.1f} s ({n / r.wall:.0f} steps/s), client lease wait {r.lease_wait:.2f} s, "
+              f"{r.prefetch_calls} gpu.prefetch calls "
+              f"(driver time predicting and issuing them {r.driver_prefetch:.2f} s)")
+        print(f"  gpu: hits={g['hits']} misses={g['misses']} prefetch_hits={g['prefetch_hits']} "
+              f"prefetches_issued={g['prefetches_issued']} evictions={g['evictions']} "
+              f"stall_seconds={g['stall_seconds']:.4f} ({1e3 * g['stall_seconds'] / max(g['misses'], 1):.2f} ms "
+              f"per miss; empty actor call {1e3 * r.rtt:.2f} ms median)")
+        for phase_name, p in r.phases.items():
+            print(f"  gpu {phase_name:>6} steps: hits={p.hits} misses={p.misses} stall_seconds={p.stall:.4f}")
+        print(f"  dram: hits={d['hits']} misses={d['misses']} hit_rate={r.dram_hit_rate:.4f} "
+              f"prefetches_issued={d['prefetches_issued']} stall_seconds={d['stall_seconds']:.4f}; "
+              f"nvme reads={r.nvme['reads']:.0f}")
+    print(f"gpu_hit_rate_without_prefetch={off.gpu_hit_rate:.4f}")
+    verdict = "pass" if on.gpu_hit_rate >= 0.95 else "FAIL"
+    print(f"gpu_hit_rate_with_prefetch={on.gpu_hit_rate:.4f}  (bar >= 0.95: {verdict})")
+    print(f"stall_seconds_without_prefetch={off.gpu['stall_seconds']:.4f}")
+    print(f"stall_seconds_with_prefetch={on.gpu['stall_seconds']:.4f}")
+    ratio = off.gpu["stall_seconds"] / on.gpu["stall_seconds"] if on.gpu["stall_seconds"] else float("inf")
+    print(f"stall_ratio={ratio:.2f}  (bar >= 5: {'pass' if ratio >= 5 else 'FAIL'})")
+    sw_off, sw_on = off.phases["switch"].stall, on.phases["switch"].stall
+    print(f"switch_stall_ratio={sw_off / sw_on if sw_on else float('inf'):.2f}  (first {args.switch_steps} steps "
+          f"after each switch: {sw_off:.4f} s vs {sw_on:.4f} s)")
+    print(f"prefetch_hits_with_prefetch={on.gpu['prefetch_hits']}")
+    print(f"dram_hit_rate_without_prefetch={off.dram_hit_rate:.4f}")
+    print(f"dram_hit_rate_with_prefetch={on.dram_hit_rate:.4f}")
+    print(f"lease_wait_seconds_without_prefetch={off.lease_wait:.2f}")
+    print(f"lease_wait_seconds_with_prefetch={on.lease_wait:.2f}")
+    print(f"wall_seconds_without_prefetch={off.wall:.1f}")
+    print(f"wall_seconds_with_prefetch={on.wall:.1f}")
+
+
+if __name__ == "__main__":
+    main()
