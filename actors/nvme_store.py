@@ -45,9 +45,9 @@ class NvmeStoreActor:
         return {"root": str(self.store.root), "hidden_size": self.store.layout.hidden_size,
                 "ffn_size": self.store.layout.ffn_size}
 
-    def write_many(self, items: Sequence[Item]) -> None:
+    def write_many(self, items: Sequence[Item], commit: bool = True) -> None:
         start = time.perf_counter()
-        self.store.write_many(items)
+        self.store.write_many(items, commit=commit)
         self._count("writes", "bytes_written", "write_seconds", len(items),
                     sum(int(flat.nbytes) for _, flat, _ in items), start)
 
@@ -60,6 +60,15 @@ class NvmeStoreActor:
         self._count("reads", "bytes_read", "read_seconds", len(records),
                     sum(int(flat.nbytes) for flat, _ in records), start)
         return records
+
+    def commit(self) -> int:
+        return self.store.commit()
+
+    def discard_staged(self) -> int:
+        return self.store.discard_staged()
+
+    def incarnation(self) -> str:
+        return self.store.incarnation
 
     def keys(self) -> list[ExpertKey]:
         return self.store.keys()

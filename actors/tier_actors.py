@@ -54,22 +54,36 @@ class StoreConfig:
         return ExpertLayout(self.hidden_size, self.ffn_size)
 
 
-class ActorTier:
-    """A tier below, reached through an actor handle: the LowerTier calls, blocking."""
+class DramActorTier:
+    """The DRAM cache actor as the tier below the hot tier (LowerTier calls, blocking)."""
 
-    def __init__(self, handle: ray.actor.ActorHandle, get: str = "get_many", put: str = "put_many") -> None:
-        self.handle, self._get, self._put = handle, get, put
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
 
     def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
-        if self._get == "get_many":
-            return ray.get(self.handle.get_many.remote(list(keys), for_prefetch))
-        return ray.get(getattr(self.handle, self._get).remote(list(keys)))
+        return ray.get(self.handle.get_many.remote(list(keys), for_prefetch))
 
     def put_many(self, items: Sequence[Item]) -> None:
-        ray.get(getattr(self.handle, self._put).remote(list(items)))
+        ray.get(self.handle.put_many.remote(list(items)))
 
     def flush(self) -> int:
-        return ray.get(self.handle.flush.remote()) if self._get == "get_many" else 0
+        return ray.get(self.handle.flush.remote())
+
+
+class NvmeActorTier:
+    """The NVMe store actor as the tier below DRAM: write-backs are staged, ``flush`` commits them."""
+
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
+        return ray.get(self.handle.read_many.remote(list(keys)))
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        ray.get(self.handle.write_many.remote(list(items), False))
+
+    def flush(self) -> int:
+        return ray.get(self.handle.commit.remote())
 
 
 class _CacheActorBase:
@@ -102,8 +116,7 @@ class DramCacheActor(_CacheActorBase):
     def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
         self.config = config
         layout = config.layout
-        self.tier = DramTier(config.capacity_dram * layout.nbytes, layout,
-                             ActorTier(nvme, get="read_many", put="write_many"))
+        self.tier = DramTier(config.capacity_dram * layout.nbytes, layout, NvmeActorTier(nvme))
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
         self.metrics = TierMetrics("dram")
 
@@ -130,7 +143,7 @@ class GpuCacheActor(_CacheActorBase):
         # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
         path.unlink(missing_ok=True)
         self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
-        self.tier = HotTier(self.slab, layout, ActorTier(dram))
+        self.tier = HotTier(self.slab, layout, DramActorTier(dram))
         self.metrics = TierMetrics("gpu")
 
     def slab_info(self) -> dict[str, Any]:
@@ -209,10 +222,13 @@ class StoreHandles:
             gpu.prefetch.remote(layer, list(expert_ids))
 
     def incarnations(self) -> tuple[str, ...]:
-        return tuple(ray.get([*(g.incarnation.remote() for g in self.gpu), self.dram.incarnation.remote()]))
+        return tuple(ray.get([*(g.incarnation.remote() for g in self.gpu), self.dram.incarnation.remote(),
+                              self.nvme.incarnation.remote()]))
 
     def reset(self) -> None:
+        """Back to the last flush: caches dropped, NVMe records staged since then discarded."""
         ray.get([*(g.reset.remote() for g in self.gpu), self.dram.reset.remote()])
+        ray.get(self.nvme.discard_staged.remote())
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""

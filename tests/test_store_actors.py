@@ -125,7 +125,9 @@ def test_training_survives_a_tier_actor_kill_and_replays_from_the_last_flush(ray
     from aios_ray.train.run import run_training
     from tests.conftest import debug_config
 
-    train = {"experts": "tiered", "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
+    # A DRAM tier of 3 records for 8 experts: between flushes, dirty records are evicted on to NVMe (staged);
+    # recovery must discard those too, or the replay would start from experts newer than the checkpoint.
+    train = {"experts": "tiered", "capacity_dram": 3, "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
              "expert_usage_interval": 100, "store_stats_interval": 100}
     reference, _ = run_training(debug_config(tmp_path / "reference", **train))
     cfg = debug_config(tmp_path / "killed", **train)

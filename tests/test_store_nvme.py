@@ -45,7 +45,8 @@ def test_round_trip_is_bit_for_bit_and_keeps_versions(store: NvmeStore):
     flat, version = store.read(key)
     assert same_bits(flat, record(2)) and version == 2 and store.version(key) == 2
     assert flat.flags.writeable and flat.flags.c_contiguous
-    assert store.path(key) == store.root / "experts" / "L003-E00017.safetensors"
+    assert store.path(key) == store.root / "experts" / "L003-E00017.000000002.safetensors"
+    assert [p.name for p in (store.root / "experts").iterdir()] == ["L003-E00017.000000002.safetensors"]
     with NvmeStore(store.root, LAYOUT) as reopened:
         flat, version = reopened.read(key)
         assert same_bits(flat, record(2)) and version == 2
@@ -57,7 +58,7 @@ def test_manifest_records_sha_version_bytes_and_layout(store: NvmeStore):
     manifest = json.loads((store.root / MANIFEST).read_text())
     data = store.path(key).read_bytes()
     assert manifest["layout"] == {"hidden_size": 64, "ffn_size": 128}
-    assert manifest["experts"]["L000-E00005"] == {"file": "experts/L000-E00005.safetensors", "version": 7,
+    assert manifest["experts"]["L000-E00005"] == {"file": "experts/L000-E00005.000000001.safetensors", "version": 7,
                                                   "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
@@ -223,3 +224,27 @@ def test_actor_serves_zero_copy_records_and_rebuilds_from_disk_after_a_restart(r
         assert ray.get(actor.keys.remote()) == keys and ray.get(actor.verify_all.remote()) == []
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_staged_writes_are_read_but_only_a_commit_puts_them_in_the_manifest(store: NvmeStore):
+    key = ExpertKey(1, 2)
+    store.write(key, record(1), version=1)  # committed
+    store.write_many([(key, record(2), 2)], commit=False)  # a DRAM write-back between flushes
+    assert same_bits(store.read(key)[0], record(2))
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    assert manifest["experts"][key.name]["version"] == 1
+    assert store.commit() == 1
+    assert json.loads((store.root / MANIFEST).read_text())["experts"][key.name]["version"] == 2
+    assert len(list((store.root / "experts").iterdir())) == 1  # the superseded file is gone
+
+
+def test_discard_and_a_crash_before_commit_both_return_to_the_last_flush(store: NvmeStore):
+    key = ExpertKey(0, 0)
+    store.write(key, record(1), version=1)
+    store.write_many([(key, record(2), 2)], commit=False)
+    assert store.discard_staged() == 1
+    assert same_bits(store.read(key)[0], record(1)) and store.version(key) == 1
+    store.write_many([(key, record(3), 3)], commit=False)
+    with NvmeStore(store.root, LAYOUT) as after_crash:  # the process died before the flush committed
+        assert same_bits(after_crash.read(key)[0], record(1)) and after_crash.version(key) == 1
+        assert len(list((store.root / "experts").iterdir())) == 1  # the staged file was cleaned up

@@ -210,3 +210,29 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
     assert keys[1] in hot.resident() and keys[2] in hot.resident()
     assert hot.stats()["prefetches_issued"] == 2
     assert dram.stats()["misses"] == 1  # the demand load of keys[0]; the prefetch is not a DRAM miss
+
+
+def test_reset_returns_every_tier_to_the_last_flush(tmp_path: Path):
+    """Updates evicted all the way to NVMe after a flush are staged there; recovery discards them."""
+    from aios_ray.store.control import LocalStore
+
+    layout = ExpertLayout(8, 16)
+    store = LocalStore(tmp_path / "store", layout, capacity_gpu=1, capacity_dram=1, name="reset")
+    keys = [ExpertKey(0, e) for e in range(3)]
+    store.seed([(k, np.zeros(layout.numel, dtype=np.float32), 0) for k in keys])
+
+    def bump(key: ExpertKey, value: float) -> None:
+        slot = store.hot.lease([key], "trainer")[key]
+        store.slab.row(slot).fill_(value)  # an optimizer step in place
+        store.hot.mark_dirty([key])
+        store.hot.release("trainer")
+
+    bump(keys[0], 1.0)
+    store.flush()  # durable: expert 0 == 1
+    bump(keys[0], 2.0)
+    bump(keys[1], 5.0)  # evicts expert 0 (dirty) to DRAM
+    bump(keys[2], 7.0)  # evicts expert 1 to DRAM, which evicts expert 0 (dirty) on to NVMe, staged
+    assert store.nvme.read(keys[0])[0][0] == 2.0
+    store.reset()
+    assert store.nvme.read(keys[0])[0][0] == 1.0 and store.nvme.read(keys[1])[0][0] == 0.0
+    store.close()

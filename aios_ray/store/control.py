@@ -61,11 +61,13 @@ class LocalStore:
         return self.hot.flush()
 
     def incarnations(self) -> tuple[str, ...]:
-        return (self.hot.incarnation, self.dram.incarnation)
+        return (self.hot.incarnation, self.dram.incarnation, self.nvme.incarnation)
 
     def reset(self) -> None:
+        """Back to the last flush: caches dropped, NVMe records staged since then discarded."""
         self.hot.reset()
         self.dram.reset()
+        self.nvme.discard_staged()
 
     def stats(self) -> list[dict[str, Any]]:
         return [self.hot.stats(), self.dram.stats()]

@@ -1,12 +1,20 @@
 """The NVMe tier: the durable home of every expert record.
 
 ```
-<root>/manifest.json                     layout + per expert: file, sha256, version, bytes
-<root>/experts/L003-E00017.safetensors   the record's named parts (``ExpertLayout`` order and shapes)
+<root>/manifest.json                               layout + per expert: file, sha256, version, bytes
+<root>/experts/L003-E00017.000000042.safetensors   the record's named parts (``ExpertLayout`` order)
 ```
-Only safetensors and JSON are read back, never pickle. Every file is written to a temporary name in its
-own directory, fsynced and renamed, then the directory is fsynced; the manifest is written last, so a
-manifest on disk only names files that are complete on disk. A read verifies the file's sha256 against
+Only safetensors and JSON are read back, never pickle. Every write goes to a new file (the number is
+a store-wide write generation): a file the manifest names is never overwritten. Each file is written to
+a temporary name, fsynced and renamed, then the directory is fsynced; the manifest is written last, so
+a manifest on disk only names files that are complete on disk.
+
+Committed and staged writes: ``write_many(..., commit=False)`` (a DRAM cache writing back an evicted
+record between flushes) stages the new file; reads see it, the manifest does not. ``commit()`` (the
+store's flush) makes every staged record part of the manifest in one atomic rename;
+``discard_staged()`` (recovery after a cache actor died) drops them. So the manifest is always exactly
+the last flush: a crash at any point, even in the middle of a flush, leaves the previous flush intact,
+and files no manifest names are removed when the store is opened again. A read verifies the file's sha256 against
 the manifest, so a torn, truncated or bit-flipped file raises ``StoreCorruptError`` instead of handing
 a trainer wrong weights.
 
@@ -22,6 +30,7 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,9 +73,18 @@ class Entry:
         return {"file": self.file, "sha256": self.sha256, "version": self.version, "bytes": self.bytes}
 
 
-def expert_file(key: ExpertKey) -> str:
-    """The file of ``key`` relative to the store root (the only name a manifest entry may carry)."""
-    return f"{EXPERTS}/{key.name}.safetensors"
+def expert_file(key: ExpertKey, generation: int) -> str:
+    """A file of ``key`` relative to the store root: one per write, numbered by the write generation."""
+    return f"{EXPERTS}/{key.name}.{generation:09d}.safetensors"
+
+
+def _file_generation(key: ExpertKey, file: str) -> int | None:
+    """The generation of ``file`` if it is a file name of ``key`` (the only names an entry may carry)."""
+    prefix, suffix = f"{EXPERTS}/{key.name}.", ".safetensors"
+    if not (file.startswith(prefix) and file.endswith(suffix)):
+        return None
+    number = file[len(prefix):-len(suffix)]
+    return int(number) if number.isdigit() and len(number) == 9 else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -132,7 +150,10 @@ class NvmeStore:
         self._pool_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         (self.root / EXPERTS).mkdir(parents=True, exist_ok=True)
-        self._entries = self._open_manifest()
+        self._entries = self._open_manifest()  # committed: exactly what the manifest says
+        self._staged: dict[ExpertKey, Entry] = {}  # written since the last commit; lost if this process dies
+        self._generation = self._remove_unreferenced_files()
+        self.incarnation = uuid.uuid4().hex  # a new one after a restart: staged records are gone
 
     # ----------------------------------------------------------------------------- manifest
 
@@ -174,11 +195,25 @@ class NvmeStore:
                                    f"ffn={layout['ffn_size']}, opened with hidden={want['hidden_size']} "
                                    f"ffn={want['ffn_size']}")
 
+    def _remove_unreferenced_files(self) -> int:
+        """Delete files no manifest entry names (staged or half-written before a crash); return the next
+        write generation."""
+        referenced = {self.root / entry.file for entry in self._entries.values()}
+        highest = 0
+        for path in (self.root / EXPERTS).iterdir():
+            if path in referenced:
+                key = ExpertKey.parse(path.name.split(".")[0])
+                highest = max(highest, _file_generation(key, f"{EXPERTS}/{path.name}") or 0)
+            else:
+                path.unlink(missing_ok=True)
+        return highest + 1
+
     def _parse_entry(self, name: str, raw: Any) -> tuple[ExpertKey, Entry]:
         try:
             key = ExpertKey.parse(name)
             entry = Entry(file=raw["file"], sha256=raw["sha256"], version=raw["version"], bytes=raw["bytes"])
-            ok = (entry.file == expert_file(key) and isinstance(entry.sha256, str) and len(entry.sha256) == 64
+            ok = (_file_generation(key, entry.file) is not None and isinstance(entry.sha256, str)
+                  and len(entry.sha256) == 64
                   and all(type(v) is int and v >= 0 for v in (entry.version, entry.bytes)))
         except (ValueError, TypeError, KeyError):
             ok = False
@@ -199,47 +234,77 @@ class NvmeStore:
     # see either the old or the new manifest, never a half-updated one.
 
     def keys(self) -> list[ExpertKey]:
-        return sorted(self._entries)
+        return sorted(set(self._entries) | set(self._staged))
 
     def version(self, key: ExpertKey) -> int:
         return self._entry(key).version
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._entries or key in self._staged
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.keys())
 
     def path(self, key: ExpertKey) -> Path:
-        return self.root / expert_file(key)
+        """The file that holds the newest record of ``key`` (staged, else committed)."""
+        return self.root / self._entry(key).file
 
     def _entry(self, key: ExpertKey) -> Entry:
-        try:
-            return self._entries[key]
-        except KeyError:
-            raise KeyError(f"{key.name}: not in the store at {self.root}") from None
+        entry = self._staged.get(key) or self._entries.get(key)
+        if entry is None:
+            raise KeyError(f"{key.name}: not in the store at {self.root}")
+        return entry
 
     # ----------------------------------------------------------------------------- writes
 
     def write(self, key: ExpertKey, flat: np.ndarray, version: int) -> None:
         self.write_many([(key, flat, version)])
 
-    def write_many(self, items: Iterable[Item]) -> None:
-        """Write records durably, then the manifest once for the whole batch.
-
-        A crash before the manifest lands leaves the old manifest naming old checksums: the experts
-        written so far then read as corrupt (detected, never silently stale) until written again.
-        """
+    def write_many(self, items: Iterable[Item], commit: bool = True) -> None:
+        """Write records to new files; with ``commit`` (the default) they and everything staged become
+        the manifest at once, otherwise they are staged until ``commit()``."""
         batch = self._check_batch(items)
         if not batch:
             return
         with self._lock:
-            written = list(self._executor().map(lambda item: self._write_file(*item), batch))
+            generations = range(self._generation, self._generation + len(batch))
+            self._generation += len(batch)
+            written = list(self._executor().map(lambda job: self._write_file(*job[0], job[1]),
+                                                zip(batch, generations, strict=True)))
             fsync_dir(self.root / EXPERTS)
-            entries = dict(self._entries)
-            entries.update(zip((key for key, _, _ in batch), written, strict=True))
-            self._write_manifest(entries)
-            self._entries = entries
+            staged = dict(self._staged)
+            superseded = [staged[key] for key, _, _ in batch if key in staged]
+            staged.update(zip((key for key, _, _ in batch), written, strict=True))
+            self._staged = staged
+            self._delete(superseded)  # staged files never reached a manifest
+            if commit:
+                self._commit_locked()
+
+    def commit(self) -> int:
+        """Make every staged record part of the manifest (one atomic write); returns how many."""
+        with self._lock:
+            return self._commit_locked()
+
+    def _commit_locked(self) -> int:
+        if not self._staged:
+            return 0
+        entries = {**self._entries, **self._staged}
+        superseded = [self._entries[key] for key in self._staged if key in self._entries]
+        self._write_manifest(entries)
+        self._entries, count, self._staged = entries, len(self._staged), {}
+        self._delete(superseded)  # only once the manifest no longer names them
+        return count
+
+    def discard_staged(self) -> int:
+        """Forget records written since the last commit: the store is exactly its last flush again."""
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+            self._delete(staged)
+            return len(staged)
+
+    def _delete(self, entries: Iterable[Entry]) -> None:
+        for entry in entries:
+            (self.root / entry.file).unlink(missing_ok=True)
 
     def _check_batch(self, items: Iterable[Item]) -> list[Item]:
         batch, seen = [], set()
@@ -252,11 +317,11 @@ class NvmeStore:
             batch.append((key, check_record(self.layout, key, flat), version))
         return batch
 
-    def _write_file(self, key: ExpertKey, flat: np.ndarray, version: int) -> Entry:
+    def _write_file(self, key: ExpertKey, flat: np.ndarray, version: int, generation: int) -> Entry:
         data = encode_record(self.layout, key, flat, version)
-        atomic_write_bytes(self.path(key), data)
-        return Entry(file=expert_file(key), sha256=hashlib.sha256(data).hexdigest(), version=version,
-                     bytes=len(data))
+        file = expert_file(key, generation)
+        atomic_write_bytes(self.root / file, data)
+        return Entry(file=file, sha256=hashlib.sha256(data).hexdigest(), version=version, bytes=len(data))
 
     # ----------------------------------------------------------------------------- reads
 

@@ -31,7 +31,7 @@ class LowerTier(Protocol):
 
 
 class NvmeAsLower:
-    """Adapts ``NvmeStore`` (read_many / write_many) to the LowerTier calls."""
+    """Adapts ``NvmeStore`` to the LowerTier calls: write-backs are staged, ``flush`` commits them."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
@@ -40,10 +40,10 @@ class NvmeAsLower:
         return list(self.store.read_many(list(keys)))
 
     def put_many(self, items: Sequence[Item]) -> None:
-        self.store.write_many(list(items))
+        self.store.write_many(list(items), commit=False)
 
     def flush(self) -> int:
-        return 0  # every NVMe write is already durable (fsync + rename)
+        return self.store.commit()
 
 
 class DramTier:
