@@ -61,6 +61,10 @@ class NvmeStoreActor:
                     sum(int(flat.nbytes) for flat, _ in records), start)
         return records
 
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> int:
+        """The NVMe tier's prefetch: page-cache read-ahead of these experts' files."""
+        return self.store.prefetch([ExpertKey(layer, e) for e in expert_ids])
+
     def commit(self) -> int:
         return self.store.commit()
 

@@ -68,7 +68,18 @@ def test_training_through_the_actors_equals_local_and_is_durable_after_flush(ray
     hot, dram, nvme = store.stats()
     assert hot["hits"] + hot["misses"] > 0 and nvme["reads"] > 0
     again = create_store(_config(tmp_path, "eq"))  # found again by name
-    assert ray.get(again.gpu[0].resident.remote()) == ray.get(store.gpu[0].resident.remote())
+    resident = ray.get(again.gpu[0].resident.remote())
+    assert resident == ray.get(store.gpu[0].resident.remote())
+    # A restarted training worker maps the same slots again instead of reloading: its leases are all hits.
+    restarted = again.experts_client()
+    restarted.begin_step(sorted(resident))
+    after = ray.get(again.gpu[0].stats.remote())
+    assert after["misses"] == hot["misses"] and after["hits"] == hot["hits"] + len(resident)
+    assert restarted.slots == resident
+    restarted.end_step()
+    # Every tier answers prefetch(layer, expert_ids).
+    ray.get([again.gpu[0].prefetch.remote(0, [0, 1]), again.dram.prefetch.remote(0, [0, 1]),
+             again.nvme.prefetch.remote(0, [0, 1])])
 
 
 def _checksums(store) -> dict[ExpertKey, str]:
