@@ -412,6 +412,7 @@ class NvmeStore:
         digest = hashlib.sha256(prefix)
         digest.update(header)
         flat = np.empty(self.layout.numel, dtype=np.float32)
+        flat[self.layout.offsets["step"][1]:] = 0  # alignment padding: not stored, always zero
         for a, b in self._plan(header, size - 8 - n, path):
             view = memoryview(flat[a:b]).cast("B")
             _readinto_exact(f, view, path)

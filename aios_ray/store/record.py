@@ -65,7 +65,9 @@ class ExpertLayout:
 
     @property
     def numel(self) -> int:
-        return self.offsets["step"][1]
+        """Rounded up to 16 floats (64 bytes): every slot of a slab then starts 64-byte aligned, as grouped
+        matmul kernels and CUDA want; the padding after ``step`` is never stored on disk."""
+        return -(-self.offsets["step"][1] // 16) * 16
 
     @property
     def nbytes(self) -> int:
