@@ -236,3 +236,37 @@ def test_reset_returns_every_tier_to_the_last_flush(tmp_path: Path):
     store.reset()
     assert store.nvme.read(keys[0])[0][0] == 1.0 and store.nvme.read(keys[1])[0][0] == 0.0
     store.close()
+
+
+def test_a_lease_waits_for_the_prefetch_of_its_key_instead_of_fetching_it_again(tmp_path: Path):
+    import threading
+
+    layout = ExpertLayout(8, 16)
+    nvme, dram, hot, _slab = build_store(tmp_path, layout, hot_slots=4, dram_records=8)
+    key = ExpertKey(0, 1)
+    nvme.write_many([(key, np.full(layout.numel, 3.0, dtype=np.float32), 0)])
+    gate, entered, fetched = threading.Event(), threading.Event(), []
+
+    class SlowLower:
+        def get_many(self, wanted, for_prefetch=False):
+            fetched.append((list(wanted), for_prefetch))
+            if for_prefetch:
+                entered.set()
+                gate.wait(10)
+            return dram.get_many(wanted, for_prefetch)
+
+    hot.lower = SlowLower()
+    prefetcher = threading.Thread(target=hot.prefetch, args=([key],))
+    prefetcher.start()
+    assert entered.wait(10)
+    result: dict = {}
+    leaser = threading.Thread(target=lambda: result.update(hot.lease([key], "trainer")))
+    leaser.start()
+    leaser.join(0.3)
+    assert leaser.is_alive()  # waiting for the fetch under way, not starting its own
+    gate.set()
+    leaser.join(10)
+    prefetcher.join(10)
+    assert key in result and fetched == [([key], True)]  # fetched once, by the prefetch
+    stats = hot.stats()
+    assert stats["prefetch_hits"] == 1 and stats["misses"] == 0 and stats["stall_seconds"] > 0

@@ -145,22 +145,40 @@ class HotTier:
         self.version: dict[ExpertKey, int] = {}
         self.free = list(range(slab.num_slots - 1, -1, -1))
         self.leases: dict[str, list[ExpertKey]] = {}
+        self.inflight: dict[ExpertKey, threading.Event] = {}  # keys a prefetch is fetching right now
+        self.epoch = 0  # bumped by reset(): a prefetch fetched before it must not install what it got
         self.lock = threading.RLock()
         self.incarnation = uuid.uuid4().hex
 
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
-        """Make ``keys`` resident and pin them for ``holder``; returns each key's slot."""
-        with self.lock:
-            held = self.leases.setdefault(holder, [])
-            missing = []
-            for key in dict.fromkeys(keys):
-                if self.policy.lookup(key):
-                    self.policy.pin(key)  # pinned at once: loading the misses must not evict it
-                    held.append(key)
-                else:
-                    missing.append(key)
-            self._load(missing, prefetched=False, pin_for=held)
-            return {k: self.slot_of[k] for k in keys}
+        """Make ``keys`` resident and pin them for ``holder``; returns each key's slot.
+
+        A key whose prefetch is already under way is waited for rather than fetched a second time; the
+        wait counts as stall (smaller than a demand load, since the fetch started earlier)."""
+        waited = 0.0
+        while True:
+            with self.lock:
+                pending = [self.inflight[k] for k in keys if k not in self.policy and k in self.inflight]
+                if not pending:
+                    if waited:
+                        self.policy.record_stall(waited)
+                    return self._lease_locked(keys, holder)
+            started = time.perf_counter()
+            for event in pending:
+                event.wait()
+            waited += time.perf_counter() - started
+
+    def _lease_locked(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
+        held = self.leases.setdefault(holder, [])
+        missing = []
+        for key in dict.fromkeys(keys):
+            if self.policy.lookup(key):
+                self.policy.pin(key)  # pinned at once: loading the misses must not evict it
+                held.append(key)
+            else:
+                missing.append(key)
+        self._load(missing, prefetched=False, pin_for=held)
+        return {k: self.slot_of[k] for k in keys}
 
     def release(self, holder: str) -> int:
         with self.lock:
@@ -173,23 +191,32 @@ class HotTier:
         """Bring keys in ahead of need, where room is free or unpinned. The records are fetched outside
         the lock, so a lease arriving meanwhile is served at once instead of waiting for the prefetch."""
         with self.lock:
-            missing = [k for k in dict.fromkeys(keys) if k not in self.policy]
+            missing = [k for k in dict.fromkeys(keys) if k not in self.policy and k not in self.inflight]
             room = self.slab.num_slots - sum(1 for k in self.slot_of if self.policy.pinned(k))
             missing = missing[:max(room, 0)]
+            done, epoch = threading.Event(), self.epoch
+            for key in missing:
+                self.inflight[key] = done  # a lease for it now waits for this fetch instead of repeating it
         if not missing:
             return 0
-        records = self.lower.get_many(missing, for_prefetch=True)
         loaded = 0
-        with self.lock:
-            for key, record in zip(missing, records, strict=True):
-                if key in self.policy:
-                    continue  # a lease brought it in meanwhile
-                try:
-                    self._install(key, record, prefetched=True, pin_for=None)
-                except TierFullError:
-                    break  # leases took the room meanwhile
-                loaded += 1
-            self.policy.record_bytes(bytes_in=loaded * self.layout.nbytes)
+        try:
+            records = self.lower.get_many(missing, for_prefetch=True)
+            with self.lock:
+                for key, record in zip(missing, records, strict=True):
+                    if key in self.policy or epoch != self.epoch:
+                        continue  # a lease brought it in meanwhile, or a reset made the record stale
+                    try:
+                        self._install(key, record, prefetched=True, pin_for=None)
+                    except TierFullError:
+                        break  # leases took the room meanwhile
+                    loaded += 1
+                self.policy.record_bytes(bytes_in=loaded * self.layout.nbytes)
+        finally:
+            with self.lock:
+                for key in missing:
+                    self.inflight.pop(key, None)
+            done.set()
         return loaded
 
     def mark_dirty(self, keys: Iterable[ExpertKey]) -> None:
@@ -244,6 +271,7 @@ class HotTier:
     def reset(self) -> None:
         """Drop every slot without writing back (recovery: NVMe's last flush is the truth)."""
         with self.lock:
+            self.epoch += 1
             for holder in list(self.leases):
                 self.release(holder)
             resident = self.policy.keys()  # a snapshot: evicting while iterating it is safe
