@@ -151,7 +151,7 @@ class MoEFeedForward(nn.Module):
             token, slot = ((routing.expert_index == e) & routing.kept).nonzero(as_tuple=True)
             gate, up = (x[token] @ w_gate_up.to(x.dtype)).chunk(2, dim=-1)
             y = (F.silu(gate) * up) @ w_down.to(x.dtype)
-            out = out.index_add(0, token, y.float() * routing.combine_weight[token, slot, None])
+            out.index_add_(0, token, y.float() * routing.combine_weight[token, slot, None])
         return out
 
     def _experts_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
