@@ -6,6 +6,7 @@ Labelled as in Ray's own examples: prepare (device, DDP wrap), report (+ checkpo
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,8 +89,6 @@ def ensure_ray(address: str | None) -> None:
 
 
 def _inside_ray_job() -> bool:
-    import os
-
     return "RAY_JOB_ID" in os.environ or "RAY_ADDRESS" in os.environ
 
 

@@ -9,7 +9,6 @@ Trainer replays from the last checkpoint, which is the last flush.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,3 @@ class TieredRun:
         atomic_write_json(self.store_path / "stats.json", record)
         return record
 
-
-def store_stats_json(store_path: Path) -> dict[str, Any]:
-    return json.loads((store_path / "stats.json").read_text(encoding="utf-8"))
