@@ -212,3 +212,21 @@ def test_mean_halt_steps_responds_to_the_halting_reward():
     never_halt = _late_mean_halt_steps(-10.0)
     assert always_halt < 1.5
     assert never_halt > always_halt + 0.5
+
+
+def test_restricted_experts_route_and_learn_only_within_each_layers_group():
+    model = _model(num_experts=8, h_layers=1, l_layers=1).train()
+    groups = [[0, 1, 2], [5, 6]]  # one group per MoE layer, in moe_layers() order
+    model.restrict_experts(groups)
+    out = model(*_batch())
+    out.loss.backward()
+    for moe, group in zip(model.moe_layers(), groups, strict=True):
+        others = [e for e in range(8) if e not in group]
+        assert not moe.w_gate_up.grad[others].any() and not moe.w_down.grad[others].any()
+        assert moe.w_gate_up.grad[group].abs().sum() > 0
+    counts = {layer: usage.token_counts for layer, usage in out.routing.usage.items()}
+    assert sorted(counts) == ["H.0", "L.0"]
+    assert set(counts["H.0"].nonzero().flatten().tolist()) <= {0, 1, 2}
+    assert set(counts["L.0"].nonzero().flatten().tolist()) <= {5, 6}
+    with pytest.raises(ValueError, match="3 expert groups for 2 MoE layers"):
+        model.restrict_experts([[0, 1], [2, 3], [4, 5]])

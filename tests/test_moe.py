@@ -128,3 +128,58 @@ def test_loop_fallback_where_grouped_mm_is_refused(monkeypatch):
     torch.testing.assert_close(gx_f, gx_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads_f["w_gate_up"], grads_r["w_gate_up"], atol=1e-5, rtol=1e-4)
     assert (x.device.type, torch.float32) in moe._GROUPED_MM_REFUSED
+
+
+def _sub_moe(full: MoEFeedForward, group: list[int], impl: str) -> MoEFeedForward:
+    """A standalone MoE made of ``group``'s experts and router rows: what a restricted layer must equal."""
+    hidden, experts = full.router.weight.shape[1], len(group)
+    sub = MoEFeedForward(hidden, full.w_down.shape[1], experts, full.top_k, full.capacity_factor, impl=impl)
+    with torch.no_grad():
+        sub.router.weight.copy_(full.router.weight[group])
+        sub.w_gate_up.copy_(full.w_gate_up[group])
+        sub.w_down.copy_(full.w_down[group])
+    return sub
+
+
+@pytest.mark.parametrize(("impl", "factor"), [("fast", 1.25), ("reference", 1.25), ("fast", 0.5)])
+def test_restricted_routing_equals_a_moe_of_the_group_alone(impl, factor):
+    torch.manual_seed(3)
+    full = MoEFeedForward(12, 24, num_experts=10, top_k=2, capacity_factor=factor, impl=impl)
+    group = [7, 2, 5, 9]
+    full.restrict_to(group)
+    sub = _sub_moe(full, sorted(group), impl)
+    x = torch.randn(2, 20, 12)
+    grad_out = torch.randn_like(x)
+    out_full, gx_full, grads_full, stats_full = _run(full, x, grad_out)
+    out_sub, gx_sub, grads_sub, stats_sub = _run(sub, x, grad_out)
+    torch.testing.assert_close(out_full, out_sub, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_full, gx_sub, atol=1e-5, rtol=1e-5)
+    idx = sorted(group)
+    for name in grads_sub:
+        torch.testing.assert_close(grads_full[name][idx], grads_sub[name], atol=1e-5, rtol=1e-4, msg=name)
+        others = [e for e in range(10) if e not in group]
+        assert not grads_full[name][others].any(), f"{name}: experts outside the group got gradient"
+    assert stats_full.token_counts[[e for e in range(10) if e not in group]].sum() == 0
+    torch.testing.assert_close(stats_full.token_counts[idx], stats_sub.token_counts)
+    assert stats_full.num_dropped == stats_sub.num_dropped
+    torch.testing.assert_close(stats_full.lb_loss, stats_sub.lb_loss)
+
+
+def test_restrict_to_none_and_to_all_route_as_before():
+    torch.manual_seed(4)
+    layer = MoEFeedForward(8, 16, num_experts=6, top_k=2, capacity_factor=1.0)
+    x = torch.randn(30, 8)
+    before, _ = layer(x)
+    layer.restrict_to(list(range(6)))
+    torch.testing.assert_close(layer(x)[0], before)
+    layer.restrict_to([0, 1])
+    assert not torch.allclose(layer(x)[0], before)
+    layer.restrict_to(None)
+    torch.testing.assert_close(layer(x)[0], before)
+
+
+@pytest.mark.parametrize("group", [[3], [], [0, 6], [-1, 2]])
+def test_restrict_to_refuses_impossible_groups(group):
+    layer = MoEFeedForward(8, 16, num_experts=6, top_k=2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="top_k|subset"):
+        layer.restrict_to(group)

@@ -129,6 +129,19 @@ class HRMACTv1(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
 
+    def restrict_experts(self, groups: list[list[int]] | list[int] | None) -> None:
+        """Route every MoE layer among its active group only (see ``MoEFeedForward.restrict_to``): one list for
+        all layers, one list per MoE layer, or None to route among all experts again."""
+        layers = self.moe_layers()
+        if groups is None or not groups or isinstance(groups[0], int):
+            per_layer = [groups] * len(layers)
+        elif len(groups) != len(layers):
+            raise ValueError(f"{len(groups)} expert groups for {len(layers)} MoE layers")
+        else:
+            per_layer = groups
+        for moe, group in zip(layers, per_layer, strict=True):
+            moe.restrict_to(group)  # type: ignore[arg-type]
+
     def use_expert_source(self, source: object) -> None:
         """Experts of every MoE layer come from a tiered store from now on (see aios_ray/store)."""
         for moe in self.moe_layers():

@@ -58,6 +58,7 @@ class MoEFeedForward(nn.Module):
         self.impl = impl
         self.layer_index = -1  # position among the model's MoE layers: the store's address of its experts
         self.expert_source: Any = None  # set by use_expert_source(): experts then live in a tiered store
+        self.active_mask: torch.Tensor | None = None  # set by restrict_to(): the only experts the router may pick
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         # Expert weights stacked so the fast path can run one grouped matmul per projection.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_size))
@@ -66,13 +67,39 @@ class MoEFeedForward(nn.Module):
         trunc_normal_(self.w_down, std=ffn_size**-0.5)
         trunc_normal_(self.router.weight, std=hidden_size**-0.5)
 
+    @property
+    def num_active(self) -> int:
+        """Experts the router may pick: all of them, or the active group set by ``restrict_to``."""
+        return self.num_experts if self.active_mask is None else int(self.active_mask.sum())
+
+    def restrict_to(self, experts: list[int] | None) -> None:
+        """Route only among ``experts`` (the active group: a game, goal or data domain), or among all with None.
+
+        Why: a tiered store pays off only when a step's experts fit its hot tier. Masking the other experts'
+        logits makes the group a small MoE of its own: softmax, capacity and balance loss are over the group,
+        so the experts of other groups get neither tokens nor gradient and stay cold and unchanged.
+        """
+        if experts is None:
+            self.active_mask = None
+            return
+        ids = sorted(set(experts))
+        if not ids or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(f"active experts {experts} are not a non-empty subset of 0..{self.num_experts - 1}")
+        if self.top_k > len(ids):
+            raise ValueError(f"top_k {self.top_k} > {len(ids)} active experts")
+        mask = torch.zeros(self.num_experts, dtype=torch.bool, device=self.router.weight.device)
+        mask[ids] = True
+        self.active_mask = mask
+
     def capacity(self, num_tokens: int) -> int:
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_active)
 
     def route(self, x: torch.Tensor) -> Routing:
         """x: (N, C). The router always runs in fp32, whatever autocast says."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        if self.active_mask is not None:
+            logits = logits.masked_fill(~self.active_mask.to(logits.device), float("-inf"))
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
@@ -96,11 +123,12 @@ class MoEFeedForward(nn.Module):
     def load_balance_loss(self, routing: Routing) -> torch.Tensor:
         """Switch loss E * sum_e f_e * P_e; f_e = share of assignments to e (before capacity), P_e = mean prob.
 
-        Equals 1.0 for a perfectly uniform router; only P_e carries gradient.
+        Equals 1.0 for a perfectly uniform router; only P_e carries gradient. Under ``restrict_to`` E is the
+        group's size (f and P are zero outside it): the loss balances within the active group.
         """
         counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.num_experts)
         f = counts.float() / routing.expert_index.numel()
-        return self.num_experts * (f * routing.probs.mean(dim=0)).sum()
+        return self.num_active * (f * routing.probs.mean(dim=0)).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
