@@ -71,6 +71,15 @@ class NvmeStoreActor:
     def discard_staged(self) -> int:
         return self.store.discard_staged()
 
+    def committed_versions(self) -> dict[ExpertKey, int]:
+        return self.store.committed_versions()
+
+    def snapshot(self, tag: str, keep: int | None = None) -> int:
+        return self.store.snapshot(tag, keep)
+
+    def restore(self, tag: str) -> None:
+        self.store.restore(tag)
+
     def incarnation(self) -> str:
         return self.store.incarnation
 

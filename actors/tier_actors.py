@@ -21,6 +21,7 @@ import ray
 
 from actors.nvme_store import create_nvme_store
 from aios_ray.errors import UserError
+from aios_ray.store.control import revert_counts
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import Slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
@@ -87,7 +88,7 @@ class NvmeActorTier:
 
 
 class _CacheActorBase:
-    """What both cache actors answer: flush, reset (recovery), incarnation, counters, config."""
+    """What both cache actors answer: flush, revert (recovery), incarnation, counters, config."""
 
     tier: Any
     metrics: TierMetrics
@@ -99,8 +100,8 @@ class _CacheActorBase:
     def flush(self) -> int:
         return self.tier.flush()
 
-    def reset(self) -> None:
-        self.tier.reset()
+    def revert(self, committed: dict[ExpertKey, int]) -> tuple[int, int]:
+        return self.tier.revert(committed)
 
     def incarnation(self) -> str:
         return self.tier.incarnation
@@ -225,10 +226,31 @@ class StoreHandles:
         return tuple(ray.get([*(g.incarnation.remote() for g in self.gpu), self.dram.incarnation.remote(),
                               self.nvme.incarnation.remote()]))
 
-    def reset(self) -> None:
-        """Back to the last flush: caches dropped, NVMe records staged since then discarded."""
-        ray.get([*(g.reset.remote() for g in self.gpu), self.dram.reset.remote()])
-        ray.get(self.nvme.discard_staged.remote())
+    def revert(self, snapshot: str | None = None) -> dict[str, int]:
+        """Back to the last flush, or to ``snapshot``: NVMe records staged since then discarded, cached
+        records at any other version dropped; what is cached at the flushed version stays."""
+        ray.get(self.nvme.discard_staged.remote() if snapshot is None else self.nvme.restore.remote(snapshot))
+        committed = ray.get(self.nvme.committed_versions.remote())
+
+        def hot(versions: dict[ExpertKey, int]) -> tuple[int, int]:
+            kept, dropped = zip(*ray.get([g.revert.remote(versions) for g in self.gpu]), strict=True)
+            return sum(kept), sum(dropped)
+
+        return revert_counts(committed, hot, lambda versions: ray.get(self.dram.revert.remote(versions)))
+
+    def snapshot(self, tag: str, keep: int) -> None:
+        """Flush, tag the NVMe store's state, and keep only the newest ``keep`` tags."""
+        self.flush()
+        ray.get(self.nvme.snapshot.remote(tag, keep))
+
+    def shutdown(self) -> None:
+        """End the store's actors (no restart) and remove the hot slabs' shared-memory files; what was flushed
+        stays on NVMe. A process that still maps a slab keeps valid memory until it unmaps."""
+        for handle in (*self.gpu, self.dram, self.nvme):
+            ray.kill(handle, no_restart=True)
+        for index in range(len(self.gpu)):
+            slab_path(self.config.namespace, f"{self.config.name}-gpu{index}", self.config.store_path).unlink(
+                missing_ok=True)
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""

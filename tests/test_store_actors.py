@@ -109,7 +109,20 @@ def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path
     fresh.end_step()
 
 
-def _kill_when_step_reached(log_file: Path, step: int, actor_name: str, namespace: str, done: list) -> None:
+def _kill_training_worker() -> None:
+    """SIGKILL the Ray Train worker process (the process that trains and maps the hot slab)."""
+    import os
+    import signal
+
+    import psutil
+
+    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+    assert len(workers) == 1, f"expected one training worker process, found {len(workers)}"
+    os.kill(workers[0].info["pid"], signal.SIGKILL)
+
+
+def _kill_when_step_reached(log_file: Path, step: int, victim: str, namespace: str, done: list) -> None:
     import json
     import time
 
@@ -119,16 +132,41 @@ def _kill_when_step_reached(log_file: Path, step: int, actor_name: str, namespac
             steps = [json.loads(line).get("step", 0) for line in log_file.read_text().splitlines()
                      if '"event": "train"' in line]
             if steps and max(steps) >= step:
-                ray.kill(ray.get_actor(actor_name, namespace=namespace), no_restart=False)
+                if victim == "worker":
+                    _kill_training_worker()
+                else:
+                    ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=False)
                 done.append(max(steps))
                 return
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("victim", ["dram", "gpu0"])
-def test_training_survives_a_tier_actor_kill_and_replays_from_the_last_flush(ray_local, tmp_path: Path, victim):
-    """Kill a cache actor mid-run: the trainer notices its new incarnation, rolls back to the last flush
-    and replays; the replayed run ends with exactly the losses of a run that was never interrupted."""
+TRAIN = {"experts": "tiered", "capacity_dram": 3, "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
+         "expert_usage_interval": 100, "store_stats_interval": 100}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
+    """Train losses of the tiered run that no kill interrupts (no Ray: the same arithmetic in one process)."""
+    from aios_ray.tracking.jsonl import read_metrics
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    reference, _ = run_training(debug_config(tmp_path_factory.mktemp("reference"), **TRAIN))
+    return {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
+
+
+@pytest.mark.parametrize("victim", ["dram", "gpu0", "worker"])
+def test_training_survives_a_kill_and_replays_from_the_last_flush(ray_local, tmp_path: Path, victim,
+                                                                  uninterrupted_losses):
+    """Kill a cache actor or the training worker mid-run, and the run ends with exactly the losses of a run
+    that was never interrupted.
+
+    - A cache actor: the trainer notices its new incarnation, rolls back to the last flush and replays.
+    - The training worker: Ray Train restarts it from the last checkpoint (= the last flush). The store's
+      actors belong to the driver, so they and their hot slab outlive the worker: the new worker re-maps the
+      slab and finds the experts it had (those updated since the flush are dropped and reloaded).
+    """
     import dataclasses
     import threading
 
@@ -138,23 +176,25 @@ def test_training_survives_a_tier_actor_kill_and_replays_from_the_last_flush(ray
 
     # A DRAM tier of 3 records for 8 experts: between flushes, dirty records are evicted on to NVMe (staged);
     # recovery must discard those too, or the replay would start from experts newer than the checkpoint.
-    train = {"experts": "tiered", "capacity_dram": 3, "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
-             "expert_usage_interval": 100, "store_stats_interval": 100}
-    reference, _ = run_training(debug_config(tmp_path / "reference", **train))
-    cfg = debug_config(tmp_path / "killed", **train)
+    cfg = debug_config(tmp_path / "killed", **TRAIN)
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, use_ray=True))
     killed_at: list[int] = []
     log_file = tmp_path / "killed" / "brains" / "t" / "metrics.jsonl"
-    watcher = threading.Thread(target=_kill_when_step_reached,
-                               args=(log_file, 12, f"{cfg.train.brain_name}-{victim}", "aios-ray", killed_at))
+    target = "worker" if victim == "worker" else f"{cfg.train.brain_name}-{victim}"
+    watcher = threading.Thread(target=_kill_when_step_reached, args=(log_file, 12, target, "aios-ray", killed_at))
     watcher.start()
     plan, summary = run_training(cfg)
     watcher.join()
-    assert killed_at, "the run ended before the actor could be killed"
+    assert killed_at, "the run ended before the kill"
     events = read_metrics(Path(plan.log_file))
     recoveries = [e for e in events if e["event"] == "store_recovery"]
-    assert len(recoveries) == 1 and recoveries[0]["steps_replayed"] >= 1
+    reopens = [e for e in events if e["event"] == "store_reopen"]
+    if victim == "worker":
+        assert not recoveries and len(reopens) == 1
+        assert reopens[0]["step"] % TRAIN["checkpoint_interval"] == 0
+        assert reopens[0]["hot_kept"] + reopens[0]["hot_dropped"] > 0  # the slab the dead worker used is still there
+    else:
+        assert len(recoveries) == 1 and recoveries[0]["steps_replayed"] >= 1 and not reopens
     final = {e["step"]: e["train_loss"] for e in events if e["event"] == "train"}  # replayed steps overwrite
-    expected = {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
     assert summary["step"] == 40
-    assert final == pytest.approx(expected, rel=1e-5)
+    assert final == pytest.approx(uninterrupted_losses, rel=1e-5)

@@ -251,3 +251,63 @@ def test_discard_and_a_crash_before_commit_both_return_to_the_last_flush(store: 
     with NvmeStore(store.root, LAYOUT) as after_crash:  # the process died before the flush committed
         assert same_bits(after_crash.read(key)[0], record(1)) and after_crash.version(key) == 1
         assert len(list((store.root / "experts").iterdir())) == 1  # the staged file was cleaned up
+
+
+def _expert_files(root: Path) -> set[str]:
+    return {p.name for p in (root / "experts").iterdir()}
+
+
+def test_restore_returns_to_a_snapshot_after_later_commits_and_reopens(tmp_path: Path):
+    """A checkpoint's snapshot survives later flushes (its files are kept) and a reopened store; restoring
+    it gives back its records and versions, and drops the later snapshots and the files only they named."""
+    root = tmp_path / "nvme"
+    keys = [ExpertKey(0, e) for e in range(3)]
+    with NvmeStore(root, LAYOUT) as s:
+        s.write_many([(k, record(k.expert), 0) for k in keys])
+        assert s.snapshot("step_00000005") == 3
+        s.write_many([(keys[0], record(10), 1), (keys[1], record(11), 1)])  # a later flush supersedes two
+        s.snapshot("step_00000010")
+        s.write_many([(keys[0], record(20), 2)], commit=False)  # staged after the last flush
+    with NvmeStore(root, LAYOUT) as s:
+        assert s.snapshot_tags() == ["step_00000005", "step_00000010"]
+        assert s.committed_versions() == {keys[0]: 1, keys[1]: 1, keys[2]: 0}
+        s.write(ExpertKey(0, 9), record(99), 0)  # a new write must not reuse a snapshot's file generation
+        s.restore("step_00000005")
+        assert s.committed_versions() == {keys[0]: 0, keys[1]: 0, keys[2]: 0}
+        assert all(same_bits(s.read(k)[0], record(k.expert)) for k in keys)
+        assert s.snapshot_tags() == ["step_00000005"]
+        assert len(_expert_files(root)) == 3  # only the snapshot's three files are left
+    with NvmeStore(root, LAYOUT) as s:
+        assert s.committed_versions() == {keys[0]: 0, keys[1]: 0, keys[2]: 0}
+        assert all(same_bits(s.read(k)[0], record(k.expert)) for k in keys)
+
+
+def test_keep_snapshots_deletes_the_others_and_their_files(store: NvmeStore):
+    key = ExpertKey(1, 2)
+    for step in range(4):
+        store.write(key, record(step), step)
+        store.snapshot(f"step_{step:08d}", keep=2)
+    assert store.snapshot_tags() == ["step_00000002", "step_00000003"]
+    assert len(_expert_files(store.root)) == 2
+    store.restore("step_00000002")
+    assert same_bits(store.read(key)[0], record(2)) and store.version(key) == 2
+
+
+@pytest.mark.parametrize(("tag", "error"), [("step_00000007", StoreCorruptError), ("../escape", ValueError),
+                                            ("", ValueError)])
+def test_restore_refuses_unknown_or_path_escaping_tags(store: NvmeStore, tag: str, error: type):
+    store.write(ExpertKey(0, 0), record(0), 0)
+    store.snapshot("step_00000001")
+    with pytest.raises(error, match="snapshot"):
+        store.restore(tag)
+    assert store.committed_versions() == {ExpertKey(0, 0): 0}
+
+
+def test_a_corrupt_snapshot_is_reported_with_its_path(tmp_path: Path):
+    root = tmp_path / "nvme"
+    with NvmeStore(root, LAYOUT) as s:
+        s.write(ExpertKey(0, 0), record(0), 0)
+        s.snapshot("step_00000001")
+    (root / "snapshots" / "step_00000001.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(StoreCorruptError, match=r"snapshots/step_00000001\.json: corrupt manifest"):
+        NvmeStore(root, LAYOUT)

@@ -212,7 +212,7 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
     assert dram.stats()["misses"] == 1  # the demand load of keys[0]; the prefetch is not a DRAM miss
 
 
-def test_reset_returns_every_tier_to_the_last_flush(tmp_path: Path):
+def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
     """Updates evicted all the way to NVMe after a flush are staged there; recovery discards them."""
     from aios_ray.store.control import LocalStore
 
@@ -233,8 +233,56 @@ def test_reset_returns_every_tier_to_the_last_flush(tmp_path: Path):
     bump(keys[1], 5.0)  # evicts expert 0 (dirty) to DRAM
     bump(keys[2], 7.0)  # evicts expert 1 to DRAM, which evicts expert 0 (dirty) on to NVMe, staged
     assert store.nvme.read(keys[0])[0][0] == 2.0
-    store.reset()
+    assert store.revert() == {"hot_kept": 0, "hot_dropped": 1, "dram_kept": 0, "dram_dropped": 1}
     assert store.nvme.read(keys[0])[0][0] == 1.0 and store.nvme.read(keys[1])[0][0] == 0.0
+    for key, flushed in zip(keys, [1.0, 0.0, 0.0], strict=True):
+        slot = store.hot.lease([key], "trainer")[key]
+        assert store.slab.row(slot)[0].item() == flushed
+        store.hot.release("trainer")
+    store.close()
+
+
+def test_revert_keeps_what_is_cached_at_its_flushed_version(tmp_path: Path, monkeypatch):
+    """A training worker that restarts from its checkpoint finds the experts unchanged since then still hot;
+    an expert whose update died half-way (version bumped before the write) is dropped and reloaded."""
+    from aios_ray.store import tiered_experts
+    from aios_ray.store.control import LocalStore
+
+    layout = ExpertLayout(8, 16)
+    store = LocalStore(tmp_path / "store", layout, capacity_gpu=4, capacity_dram=4, name="revert")
+    keys = [ExpertKey(0, e) for e in range(3)]
+    store.seed([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
+
+    def train_step(client: tiered_experts.TieredExperts, experts: list[int]) -> None:
+        client.begin_step([ExpertKey(0, e) for e in experts])
+        for w_gate_up, w_down in client.weights(0, experts).values():
+            (w_gate_up.sum() + w_down.sum()).backward()
+        client.apply_optimizer(lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        client.end_step()
+
+    worker = store.experts_client()
+    train_step(worker, [0, 1, 2])
+    store.flush()
+    flushed = {k: store.nvme.read(k)[0].copy() for k in keys}
+
+    def dies_half_way(param, *args, **kwargs):
+        param.add_(1.0)  # part of the update lands in the slot, then the process dies
+        raise SystemExit("worker killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiered_experts, "adamw_update_", dies_half_way)
+        with pytest.raises(SystemExit):
+            train_step(worker, [0])
+    # DRAM holds all three at their flushed version (the flush went through it); the hot tier drops expert 0.
+    assert store.revert() == {"hot_kept": 2, "hot_dropped": 1, "dram_kept": 3, "dram_dropped": 0}
+    before = store.hot.stats()
+    restarted = store.experts_client()
+    restarted.begin_step(keys)  # the dead worker's lease was ended by the revert: all three fit again
+    after = store.hot.stats()
+    assert after["hits"] - before["hits"] == 2 and after["misses"] - before["misses"] == 1
+    for key in keys:
+        np.testing.assert_array_equal(store.slab.row(restarted.slots[key]).numpy(), flushed[key])
+    restarted.end_step()
     store.close()
 
 

@@ -30,8 +30,16 @@ class StoreControl(Protocol):
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None: ...
     def flush(self) -> int: ...
     def incarnations(self) -> tuple[str, ...]: ...
-    def reset(self) -> None: ...
+    def revert(self, snapshot: str | None = None) -> dict[str, int]: ...
+    def snapshot(self, tag: str, keep: int) -> None: ...
     def stats(self) -> list[dict[str, Any]]: ...
+
+
+def revert_counts(committed: dict[ExpertKey, int], hot: Any, dram: Any) -> dict[str, int]:
+    """Revert the hot tier, then DRAM, to ``committed``; what each kept and dropped, for the log."""
+    hot_kept, hot_dropped = hot(committed)
+    dram_kept, dram_dropped = dram(committed)
+    return {"hot_kept": hot_kept, "hot_dropped": hot_dropped, "dram_kept": dram_kept, "dram_dropped": dram_dropped}
 
 
 class LocalStore:
@@ -63,11 +71,19 @@ class LocalStore:
     def incarnations(self) -> tuple[str, ...]:
         return (self.hot.incarnation, self.dram.incarnation, self.nvme.incarnation)
 
-    def reset(self) -> None:
-        """Back to the last flush: caches dropped, NVMe records staged since then discarded."""
-        self.hot.reset()
-        self.dram.reset()
-        self.nvme.discard_staged()
+    def revert(self, snapshot: str | None = None) -> dict[str, int]:
+        """Back to the last flush, or to ``snapshot``: NVMe records staged since then discarded, cached
+        records at any other version dropped; what is cached at the flushed version stays."""
+        if snapshot is None:
+            self.nvme.discard_staged()
+        else:
+            self.nvme.restore(snapshot)
+        return revert_counts(self.nvme.committed_versions(), self.hot.revert, self.dram.revert)
+
+    def snapshot(self, tag: str, keep: int) -> None:
+        """Flush, tag the NVMe store's state, and keep only the newest ``keep`` tags."""
+        self.flush()
+        self.nvme.snapshot(tag, keep)
 
     def stats(self) -> list[dict[str, Any]]:
         return [self.hot.stats(), self.dram.stats()]

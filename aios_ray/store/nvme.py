@@ -3,6 +3,7 @@
 ```
 <root>/manifest.json                               layout + per expert: file, sha256, version, bytes
 <root>/experts/L003-E00017.000000042.safetensors   the record's named parts (``ExpertLayout`` order)
+<root>/snapshots/step_00000010.json                a manifest kept under a tag (a training checkpoint)
 ```
 Only safetensors and JSON are read back, never pickle. Every write goes to a new file (the number is
 a store-wide write generation): a file the manifest names is never overwritten. Each file is written to
@@ -22,6 +23,13 @@ Reads are the hot path (a cache miss in the DRAM tier), so a read does one pass 
 ``readinto``s each tensor straight into its slot of the flat record and feeds the same memory to the
 hash; no intermediate ``bytes`` object and no second copy (benchmarks/nvme_read.py measures the
 alternatives).
+
+Snapshots: ``snapshot(tag)`` commits and keeps a copy of the manifest under ``tag``; ``restore(tag)`` makes
+it the manifest again. Files are never overwritten, so a snapshot costs one small JSON file, and a file is
+deleted only once neither the manifest nor any snapshot names it. Why: a training checkpoint and the
+store's flush must describe the same moment, and Ray Train may resume from a checkpoint older than the
+last flush (a report still in flight when the worker died); the trainer tags each checkpoint's flush and
+restores that tag on resume.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from aios_ray.train.bundle import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 EXPERTS = "experts"
+SNAPSHOTS = "snapshots"
 FORMAT = 1
 MAX_HEADER = 1 << 20  # a record's safetensors header is < 2 KiB; anything near this is garbage
 
@@ -150,8 +159,11 @@ class NvmeStore:
         self._pool_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         (self.root / EXPERTS).mkdir(parents=True, exist_ok=True)
+        (self.root / SNAPSHOTS).mkdir(exist_ok=True)
         self._entries = self._open_manifest()  # committed: exactly what the manifest says
         self._staged: dict[ExpertKey, Entry] = {}  # written since the last commit; lost if this process dies
+        self._snapshots = {path.stem: frozenset(e.file for e in self._read_manifest(path).values())
+                           for path in sorted((self.root / SNAPSHOTS).glob("*.json"))}  # tag -> files it names
         self._generation = self._remove_unreferenced_files()
         self.incarnation = uuid.uuid4().hex  # a new one after a restart: staged records are gone
 
@@ -168,37 +180,38 @@ class NvmeStore:
                 raise StoreCorruptError(f"{self.manifest_path}: missing, but {self.root / EXPERTS} holds experts")
             self._write_manifest({})
             return {}
-        return self._parse_manifest(self._load_manifest_json())
+        return self._read_manifest(self.manifest_path)
 
-    def _load_manifest_json(self) -> dict[str, Any]:
+    def _read_manifest(self, path: Path) -> dict[ExpertKey, Entry]:
+        """The entries of a manifest file (the manifest itself or a snapshot), fully validated."""
         try:
-            data = json.loads(self.manifest_path.read_bytes())
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise StoreCorruptError(f"{path}: missing") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreCorruptError(f"{self.manifest_path}: corrupt manifest, not JSON ({exc})") from None
+            raise StoreCorruptError(f"{path}: corrupt manifest, not JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StoreCorruptError(f"{self.manifest_path}: corrupt manifest, not a format-{FORMAT} store manifest")
-        return data
-
-    def _parse_manifest(self, data: dict[str, Any]) -> dict[ExpertKey, Entry]:
-        self._check_layout(data.get("layout"))
+            raise StoreCorruptError(f"{path}: corrupt manifest, not a format-{FORMAT} store manifest")
+        self._check_layout(data.get("layout"), path)
         experts = data.get("experts")
         if not isinstance(experts, dict):
-            raise StoreCorruptError(f"{self.manifest_path}: corrupt manifest, 'experts' is not an object")
-        return {key: entry for key, entry in (self._parse_entry(n, e) for n, e in experts.items())}
+            raise StoreCorruptError(f"{path}: corrupt manifest, 'experts' is not an object")
+        return {key: entry for key, entry in (self._parse_entry(n, e, path) for n, e in experts.items())}
 
-    def _check_layout(self, layout: Any) -> None:
+    def _check_layout(self, layout: Any, path: Path) -> None:
         want = {"hidden_size": self.layout.hidden_size, "ffn_size": self.layout.ffn_size}
         if not isinstance(layout, dict) or set(layout) != set(want):
-            raise StoreCorruptError(f"{self.manifest_path}: corrupt manifest, bad 'layout' {layout!r}")
+            raise StoreCorruptError(f"{path}: corrupt manifest, bad 'layout' {layout!r}")
         if layout != want:
             raise StoreLayoutError(f"{self.root}: store holds experts of layout hidden={layout['hidden_size']} "
                                    f"ffn={layout['ffn_size']}, opened with hidden={want['hidden_size']} "
                                    f"ffn={want['ffn_size']}")
 
     def _remove_unreferenced_files(self) -> int:
-        """Delete files no manifest entry names (staged or half-written before a crash); return the next
-        write generation."""
+        """Delete files that neither the manifest nor a snapshot names (staged or half-written before a
+        crash); return the next write generation."""
         referenced = {self.root / entry.file for entry in self._entries.values()}
+        referenced.update(self.root / file for files in self._snapshots.values() for file in files)
         highest = 0
         for path in (self.root / EXPERTS).iterdir():
             if path in referenced:
@@ -208,7 +221,7 @@ class NvmeStore:
                 path.unlink(missing_ok=True)
         return highest + 1
 
-    def _parse_entry(self, name: str, raw: Any) -> tuple[ExpertKey, Entry]:
+    def _parse_entry(self, name: str, raw: Any, path: Path) -> tuple[ExpertKey, Entry]:
         try:
             key = ExpertKey.parse(name)
             entry = Entry(file=raw["file"], sha256=raw["sha256"], version=raw["version"], bytes=raw["bytes"])
@@ -218,15 +231,16 @@ class NvmeStore:
         except (ValueError, TypeError, KeyError):
             ok = False
         if not ok:
-            raise StoreCorruptError(f"{self.manifest_path}: corrupt manifest entry {name!r}: {raw!r}"[:300])
+            raise StoreCorruptError(f"{path}: corrupt manifest entry {name!r}: {raw!r}"[:300])
         return key, entry
 
-    def _write_manifest(self, entries: dict[ExpertKey, Entry]) -> None:
+    def _write_manifest(self, entries: dict[ExpertKey, Entry], path: Path | None = None) -> None:
         data = {"format": FORMAT,
                 "layout": {"hidden_size": self.layout.hidden_size, "ffn_size": self.layout.ffn_size},
                 "experts": {key.name: entries[key].to_json() for key in sorted(entries)}}
-        atomic_write_bytes(self.manifest_path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
-        fsync_dir(self.root)
+        path = path or self.manifest_path
+        atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+        fsync_dir(path.parent)
 
     # ----------------------------------------------------------------------------- queries
 
@@ -238,6 +252,10 @@ class NvmeStore:
 
     def version(self, key: ExpertKey) -> int:
         return self._entry(key).version
+
+    def committed_versions(self) -> dict[ExpertKey, int]:
+        """The version of every expert as of the last commit (the last flush), staged writes ignored."""
+        return {key: entry.version for key, entry in self._entries.items()}
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries or key in self._staged
@@ -303,8 +321,67 @@ class NvmeStore:
             return len(staged)
 
     def _delete(self, entries: Iterable[Entry]) -> None:
+        """Delete the files of entries the manifest no longer names, except those a snapshot still names."""
+        kept = self._snapshot_files()
         for entry in entries:
-            (self.root / entry.file).unlink(missing_ok=True)
+            if entry.file not in kept:
+                (self.root / entry.file).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------------------- snapshots
+
+    def snapshot(self, tag: str, keep: int | None = None) -> int:
+        """Commit, then keep the manifest under ``tag`` (replacing an older snapshot of that tag); with
+        ``keep``, only the newest ``keep`` snapshots stay. Returns the number of experts it names."""
+        path = self._snapshot_path(tag)
+        with self._lock:
+            self._commit_locked()
+            self._write_manifest(self._entries, path)
+            self._snapshots[tag] = frozenset(e.file for e in self._entries.values())
+            count = len(self._entries)
+        if keep is not None:
+            self.keep_snapshots(self.snapshot_tags()[-keep:])
+        return count
+
+    def restore(self, tag: str) -> None:
+        """Make snapshot ``tag`` the manifest again: staged records and snapshots newer than it (an abandoned
+        future, tags sort in step order) are dropped, and so are the files only they named."""
+        path = self._snapshot_path(tag)
+        if tag not in self._snapshots:
+            raise StoreCorruptError(f"{path}: no snapshot {tag!r} in the store (have: {sorted(self._snapshots)})")
+        entries = self._read_manifest(path)
+        with self._lock:
+            dropped = list(self._staged.values()) + list(self._entries.values())
+            self._staged = {}
+            self._write_manifest(entries)
+            self._entries = entries
+            for newer in [t for t in self._snapshots if t > tag]:
+                dropped.extend(Entry(file, "", 0, 0) for file in self._snapshots.pop(newer))
+                self._snapshot_path(newer).unlink(missing_ok=True)
+            named = {e.file for e in entries.values()}
+            self._delete(e for e in dropped if e.file not in named)
+
+    def keep_snapshots(self, tags: Iterable[str]) -> list[str]:
+        """Delete every snapshot not in ``tags`` (and the files nothing names any more); returns the deleted."""
+        keep = set(tags)
+        with self._lock:
+            gone = [t for t in self._snapshots if t not in keep]
+            dropped = [Entry(file, "", 0, 0) for t in gone for file in self._snapshots.pop(t)]
+            for tag in gone:
+                self._snapshot_path(tag).unlink(missing_ok=True)
+            named = {e.file for e in self._entries.values()}
+            self._delete(e for e in dropped if e.file not in named)
+            return gone
+
+    def snapshot_tags(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def _snapshot_files(self) -> set[str]:
+        return {file for files in self._snapshots.values() for file in files}
+
+    def _snapshot_path(self, tag: str) -> Path:
+        if not tag or not all(c.isalnum() or c in "_-." for c in tag) or tag.startswith("."):
+            raise ValueError(f"snapshot tag {tag!r}: use letters, digits, '_', '-' and '.' only")
+        return self.root / SNAPSHOTS / f"{tag}.json"
 
     def _check_batch(self, items: Iterable[Item]) -> list[Item]:
         batch, seen = [], set()

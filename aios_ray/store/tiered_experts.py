@@ -44,6 +44,11 @@ def _alias(view: torch.Tensor) -> torch.Tensor:
     return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
+def _received_gradient(leaves: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    grads = [leaf.grad for leaf in leaves]
+    return all(g is not None for g in grads) and any(bool(g.ne(0).any()) for g in grads)
+
+
 class TieredExperts:
     def __init__(self, client: HotClient, slab: Slab, layout: ExpertLayout) -> None:
         self.client, self.slab, self.layout = client, slab, layout
@@ -96,12 +101,17 @@ class TieredExperts:
 
     @torch.no_grad()
     def apply_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> int:
-        """AdamW on every expert that received gradient, in the slot, in place; returns how many."""
-        touched = []
-        for key, (w_gate_up, w_down) in self.leaves.items():
+        """AdamW on every expert that received gradient, in the slot, in place; returns how many.
+
+        The experts are marked dirty (a new version) *before* their slots are written: a process that dies
+        mid-update then leaves slots whose version no longer matches the last flush, which recovery drops
+        (``HotTier.revert``) instead of keeping half-updated weights."""
+        touched = [key for key, pair in self.leaves.items() if _received_gradient(pair)]
+        if touched:
+            self.client.mark_dirty(touched)
+        for key in touched:
+            w_gate_up, w_down = self.leaves[key]
             grads = (w_gate_up.grad, w_down.grad)
-            if any(g is None for g in grads) or not any(bool(g.ne(0).any()) for g in grads):
-                continue
             views = self.layout.views(self.slab.row(self.slots[key]))
             step = views["step"]
             for name, grad in zip(("w_gate_up", "w_down"), grads, strict=True):
@@ -109,9 +119,6 @@ class TieredExperts:
                 adamw_update_(views[name], grad, views[f"exp_avg.{name}"], views[f"exp_avg_sq.{name}"],
                               local_step, lr, weight_decay, betas, eps)
             step.add_(1)
-            touched.append(key)
-        if touched:
-            self.client.mark_dirty(touched)
         for pair in self.leaves.values():
             for leaf in pair:
                 leaf.grad = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -118,13 +118,21 @@ class DramTier:
                     self.policy.mark_clean(key, self.records[key][1])
             return len(dirty) + self.lower.flush()
 
-    def reset(self) -> None:
-        """Forget every record without writing back (recovery: NVMe's last flush is the truth)."""
+    def revert(self, committed: Mapping[ExpertKey, int]) -> tuple[int, int]:
+        """Back to the last flush (recovery): a record whose version is not the one NVMe committed last is
+        dropped without write-back; the others are exactly the flushed records and stay. Returns
+        (kept, dropped)."""
         with self.lock:
-            resident = self.policy.keys()  # a snapshot: evicting while iterating it is safe
+            dropped, resident = 0, self.policy.keys()  # a snapshot: evicting while iterating it is safe
             for key in resident:
+                version = self.records[key][1]
+                if version == committed.get(key):
+                    self.policy.mark_clean(key, version)
+                    continue
                 self.policy.evict(key)
-            self.records.clear()
+                del self.records[key]
+                dropped += 1
+            return len(self.records), dropped
 
     def stats(self) -> dict[str, Any]:
         return {"tier": "dram", "incarnation": self.incarnation, "entries": len(self.policy),
@@ -146,7 +154,7 @@ class HotTier:
         self.free = list(range(slab.num_slots - 1, -1, -1))
         self.leases: dict[str, list[ExpertKey]] = {}
         self.inflight: dict[ExpertKey, threading.Event] = {}  # keys a prefetch is fetching right now
-        self.epoch = 0  # bumped by reset(): a prefetch fetched before it must not install what it got
+        self.epoch = 0  # bumped by revert(): a prefetch fetched before it must not install what it got
         self.lock = threading.RLock()
         self.incarnation = uuid.uuid4().hex
 
@@ -205,7 +213,7 @@ class HotTier:
             with self.lock:
                 for key, record in zip(missing, records, strict=True):
                     if key in self.policy or epoch != self.epoch:
-                        continue  # a lease brought it in meanwhile, or a reset made the record stale
+                        continue  # a lease brought it in meanwhile, or a revert made the record stale
                     try:
                         self._install(key, record, prefetched=True, pin_for=None)
                     except TierFullError:
@@ -268,18 +276,29 @@ class HotTier:
                     self.policy.mark_clean(key, version)
             return len(items) + self.lower.flush()
 
-    def reset(self) -> None:
-        """Drop every slot without writing back (recovery: NVMe's last flush is the truth)."""
+    def revert(self, committed: Mapping[ExpertKey, int]) -> tuple[int, int]:
+        """Back to the last flush (recovery, or a training worker that restarts from its checkpoint).
+
+        Every lease ends (its holder is gone). A slot whose version is the one NVMe committed last holds
+        exactly the flushed record and stays resident, so a restarted worker finds it hot; any other slot
+        is dropped without write-back. Sound because a compute process bumps an expert's version
+        (``mark_dirty``) *before* its optimizer writes the slot. Returns (kept, dropped).
+        """
         with self.lock:
             self.epoch += 1
             for holder in list(self.leases):
                 self.release(holder)
-            resident = self.policy.keys()  # a snapshot: evicting while iterating it is safe
+            dropped, resident = 0, self.policy.keys()  # a snapshot: evicting while iterating it is safe
             for key in resident:
+                version = self.version[key]
+                if version == committed.get(key):
+                    self.policy.mark_clean(key, version)
+                    continue
                 self.policy.evict(key)
-            self.free = list(range(self.slab.num_slots - 1, -1, -1))
-            self.slot_of.clear()
-            self.version.clear()
+                self.free.append(self.slot_of.pop(key))
+                del self.version[key]
+                dropped += 1
+            return len(self.slot_of), dropped
 
     def resident(self) -> dict[ExpertKey, int]:
         with self.lock:

@@ -105,6 +105,11 @@ def read_model_config(root: Path) -> ModelConfig:
         raise BundleError(f"{root / 'config.json'}: invalid model config ({exc})") from None
 
 
+def checkpoint_name(step: int) -> str:
+    """``step_00000010``: names sort in step order (checkpoint directories, expert store snapshots)."""
+    return f"step_{step:08d}"
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -138,8 +143,8 @@ class Bundle:
     def write_checkpoint(self, step: int, files: dict[str, bytes], keep: int) -> Path:
         """Write a complete checkpoint directory under a temporary name, then rename it into place."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints / f"step_{step:08d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".tmp-step_{step:08d}-"))
+        final = self.checkpoints / checkpoint_name(step)
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".tmp-{checkpoint_name(step)}-"))
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
         if final.exists():  # same step written again (e.g. stop right after a periodic checkpoint)

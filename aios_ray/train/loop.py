@@ -26,21 +26,20 @@ from aios_ray.data.dataset import BlockSampler, SamplerState, eval_batches
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
 from aios_ray.store.control import StoreControl
-from aios_ray.store.export import expert_layout
-from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import MetricsLog, Progress, say
 from aios_ray.train.bundle import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
     Bundle,
+    checkpoint_name,
     load_model_weights,
     load_tensors,
     now,
     read_json,
 )
 from aios_ray.train.optim import build_optimizer, lr_at, optimizer_from_tensors, optimizer_to_tensors
-from aios_ray.train.tiered import TieredRun
+from aios_ray.train.tiered import StoreSpec, TieredRun
 
 
 class WorkerContext(Protocol):
@@ -54,8 +53,7 @@ class WorkerContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
     def any_rank(self, flag: bool) -> bool: ...
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
-    def open_expert_store(self, name: str, path: Path, layout: ExpertLayout, capacity_gpu: int,
-                          capacity_dram: int) -> StoreControl: ...
+    def open_expert_store(self, spec: StoreSpec) -> StoreControl: ...
 
 
 class LocalContext:
@@ -79,12 +77,11 @@ class LocalContext:
     def restored_checkpoint(self) -> Iterator[Path | None]:
         yield None
 
-    def open_expert_store(self, name: str, path: Path, layout: ExpertLayout, capacity_gpu: int,
-                          capacity_dram: int) -> StoreControl:
+    def open_expert_store(self, spec: StoreSpec) -> StoreControl:
         """Without Ray the same tier classes run in this process."""
         from aios_ray.store.control import LocalStore
 
-        return LocalStore(path, layout, capacity_gpu, capacity_dram, name)
+        return LocalStore(spec.path, spec.layout, spec.capacity_gpu, spec.capacity_dram, spec.name)
 
 
 @dataclass
@@ -122,6 +119,13 @@ class TierRestarted(RuntimeError):
     """A tier actor of the expert store restarted during a step: the step must be replayed."""
 
 
+def _store_snapshot(checkpoint: Path | None) -> str | None:
+    """The expert store snapshot a checkpoint was written with (None: no checkpoint, or one without)."""
+    if checkpoint is None:
+        return None
+    return read_json(checkpoint / TRAINER_STATE_FILE).get("expert_store_snapshot")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
@@ -144,7 +148,7 @@ class Trainer:
             if source is not None:
                 load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
             if tc.experts == "tiered":
-                self.tiered = self._open_tiered(resumed=source is not None)
+                self.tiered = self._open_tiered(source)
             self.optimizer = build_optimizer(self.model, tc)
             if source is not None:
                 self.load_training_state(source)
@@ -162,12 +166,10 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
 
     # ---- state ---------------------------------------------------------------------------------
-    def _open_tiered(self, resumed: bool) -> TieredRun:
-        store_path = Path(self.cfg.train.store_path or Path(self.plan.bundle_root) / "expert_store").resolve()
-        capacity_gpu, capacity_dram = TieredRun.plan_capacities(self.model, self.cfg)
-        store = self.ctx.open_expert_store(self.cfg.train.brain_name, store_path, expert_layout(self.model),
-                                           capacity_gpu, capacity_dram)
-        return TieredRun(self.model, store, self.cfg, store_path, resumed)
+    def _open_tiered(self, checkpoint: Path | None) -> TieredRun:
+        spec = StoreSpec.for_run(self.cfg, self.plan.bundle_root)
+        return TieredRun(self.model, self.ctx.open_expert_store(spec), self.cfg, spec.path,
+                         resumed=checkpoint is not None, snapshot=_store_snapshot(checkpoint))
 
     def load_training_state(self, path: Path) -> None:
         """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
@@ -193,7 +195,8 @@ class Trainer:
         trainer_state = {"trainer": asdict(self.state), "param_groups": groups, "saved_at": now()}
         model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         if self.tiered is not None:
-            model_state.update(self.tiered.export_weights())
+            trainer_state["expert_store_snapshot"] = checkpoint_name(self.state.step)
+            model_state.update(self.tiered.export_weights(checkpoint_name(self.state.step)))
         return {
             MODEL_FILE: to_bytes(model_state),
             OPTIMIZER_FILE: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
@@ -376,14 +379,15 @@ class Trainer:
         assert self.tiered is not None
         lost_at = self.state.step + 1
         checkpoint = self.bundle.latest_checkpoint()
-        self.tiered.recover()
+        counts = self.tiered.recover(_store_snapshot(checkpoint))
         load_model_weights(self.model, checkpoint / MODEL_FILE, skip_experts=True)
         self.load_training_state(checkpoint)
         self.sampler.restore(self.state.sampler)
         replayed = lost_at - self.state.step
         say(f"expert store: a tier actor restarted during step {lost_at}; resumed from the flush at step "
             f"{self.state.step}, replaying {replayed} step(s)")
-        self.log.write("store_recovery", step=self.state.step, failed_step=lost_at, steps_replayed=replayed)
+        self.log.write("store_recovery", step=self.state.step, failed_step=lost_at, steps_replayed=replayed,
+                       **counts)
 
     def _start(self) -> None:
         params = count_parameters(self.model)
@@ -399,6 +403,11 @@ class Trainer:
                 f"{self.ctx.world_size} worker(s) on {self.ctx.device}")
         self.log.write("run_start", step=self.state.step, resumed=self.resumed, parameters=params,
                        world_size=self.ctx.world_size, config=self.cfg.to_dict(), bundle=self.plan.bundle_root)
+        reopened = self.tiered.reopened if self.tiered is not None else None
+        if reopened is not None and self.is_chief:
+            say(f"expert store: resumed at the flush of step {self.state.step}; {reopened['hot_kept']} expert(s) "
+                f"still hot at that version were re-mapped, {reopened['hot_dropped']} newer one(s) dropped")
+            self.log.write("store_reopen", step=self.state.step, **reopened)
         self.model.train()
 
     def _next_round(self) -> None:

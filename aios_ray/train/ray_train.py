@@ -24,6 +24,7 @@ from torch import nn
 from aios_ray.config import Config
 from aios_ray.tracking.jsonl import say
 from aios_ray.train.loop import RunPlan, TrainData, train_worker
+from aios_ray.train.tiered import StoreSpec
 
 
 class RayTrainContext:
@@ -63,13 +64,19 @@ class RayTrainContext:
             yield Path(directory)
 
 
-    def open_expert_store(self, name: str, path: Path, layout: Any, capacity_gpu: int, capacity_dram: int) -> Any:
-        """The store's actors, created by name or found again (they outlive a restarted worker)."""
-        from actors.tier_actors import StoreConfig, create_store
+    def open_expert_store(self, spec: StoreSpec) -> Any:
+        """The store's actors, found again by name (the driver created them: they outlive this worker)."""
+        return open_store_actors(spec)
 
-        config = StoreConfig(name=name, store_path=str(path), hidden_size=layout.hidden_size,
-                             ffn_size=layout.ffn_size, capacity_gpu=capacity_gpu, capacity_dram=capacity_dram)
-        return create_store(config)
+
+def open_store_actors(spec: StoreSpec) -> Any:
+    """The store's actors for ``spec``: created, or found again by name (``actors.tier_actors.create_store``)."""
+    from actors.tier_actors import StoreConfig, create_store
+
+    config = StoreConfig(name=spec.name, store_path=str(spec.path), hidden_size=spec.layout.hidden_size,
+                         ffn_size=spec.layout.ffn_size, capacity_gpu=spec.capacity_gpu,
+                         capacity_dram=spec.capacity_dram)
+    return create_store(config)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -110,7 +117,14 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    # The driver owns the expert store's actors: a worker that Ray Train restarts finds them (and the hot set
+    # in their slab) again, where actors owned by the worker would die with it. They end with this call.
+    store = open_store_actors(StoreSpec.for_run(cfg, plan.bundle_root)) if cfg.train.experts == "tiered" else None
+    try:
+        result = trainer.fit()
+    finally:
+        if store is not None:
+            store.shutdown()
     summary = dict(result.metrics or {})
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary

@@ -9,6 +9,7 @@ Trainer replays from the last checkpoint, which is the last flush.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +20,53 @@ from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.control import StoreControl
 from aios_ray.store.export import expert_keys, expert_layout, experts_state_dict, local_expert_records
 from aios_ray.store.policy import AccessHistory
-from aios_ray.store.record import ExpertKey
+from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.train.bundle import atomic_write_json
 from aios_ray.train.optim import BETAS, EPS
 
 HISTORY_STEPS = 4  # the usage-history predictor looks this many steps back
 
 
+@dataclass(frozen=True)
+class StoreSpec:
+    """The expert store a run uses, from its config alone: the driver creates the store's actors from it
+    before the workers start (so they outlive a restarted worker), and each worker finds them again."""
+
+    name: str
+    path: Path
+    layout: ExpertLayout
+    capacity_gpu: int  # expert records
+    capacity_dram: int
+
+    @classmethod
+    def for_run(cls, cfg: Config, bundle_root: str | Path) -> StoreSpec:
+        model = cfg.model
+        total = model.num_experts * (model.h_layers + model.l_layers)  # every block's FFN is an MoE
+        path = Path(cfg.train.store_path or Path(bundle_root) / "expert_store").resolve()
+        return cls(cfg.train.brain_name, path, ExpertLayout(model.hidden_size, model.ffn_size),
+                   cfg.train.capacity_gpu or total, cfg.train.capacity_dram or total)
+
+
 class TieredRun:
-    def __init__(self, model: HRMACTv1, store: StoreControl, cfg: Config, store_path: Path, resumed: bool) -> None:
+    def __init__(self, model: HRMACTv1, store: StoreControl, cfg: Config, store_path: Path, resumed: bool,
+                 snapshot: str | None = None) -> None:
+        """``resumed``: the run continues from a checkpoint, whose flush the store snapshot ``snapshot`` holds
+        (None for a checkpoint without one: the store's last flush)."""
         self.model, self.store, self.cfg, self.store_path = model, store, cfg, store_path
         self.keys = expert_keys(model)
+        self.reopened: dict[str, int] | None = None  # what a resume found cached at the last flush
         self.history = AccessHistory(HISTORY_STEPS)
         self.step = 0
         if not store.keys():
             store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
         elif resumed:
-            store.reset()  # caches may hold updates newer than the checkpoint we resume from: NVMe is the truth
+            # The caches may hold updates newer than the checkpoint we resume from (NVMe's last flush);
+            # what they hold at its flushed version stays hot for this (possibly restarted) worker.
+            self.reopened = store.revert(snapshot)
         self.experts = store.experts_client()
         model.use_expert_source(self.experts)
         self.incarnations = store.incarnations()
         self.lease_calls_at_last_stats = 0
-
-    @staticmethod
-    def plan_capacities(model: HRMACTv1, cfg: Config) -> tuple[int, int]:
-        total = len(expert_keys(model))
-        return cfg.train.capacity_gpu or total, cfg.train.capacity_dram or total
 
     # ---- per step ------------------------------------------------------------------------------
     def predicted(self) -> list[ExpertKey]:
@@ -81,22 +103,26 @@ class TieredRun:
         self.experts.end_step()
 
     # ---- durability ----------------------------------------------------------------------------
-    def export_weights(self) -> dict[str, torch.Tensor]:
-        """Flush, then read every expert back from NVMe: the bundle's weights are complete and portable."""
-        self.store.flush()
+    def export_weights(self, snapshot: str) -> dict[str, torch.Tensor]:
+        """Flush and snapshot the store under the checkpoint's name (a resume restores it), then read every
+        expert back from NVMe: the bundle's weights are complete and portable. One snapshot more than the
+        bundle keeps checkpoints stays, since Ray Train may resume from one checkpoint behind the bundle."""
+        self.store.snapshot(snapshot, keep=self.cfg.train.keep_checkpoints + 1)
         return experts_state_dict(self.model, self.keys, self.store.read_all(self.keys))
 
     def failed(self) -> bool:
         """A tier actor restarted since we last looked: whatever it had not flushed is gone."""
         return self.store.incarnations() != self.incarnations
 
-    def recover(self) -> None:
-        """Drop every cached record (NVMe's last flush is the truth) and map the hot slab again."""
-        self.store.reset()
+    def recover(self, snapshot: str | None) -> dict[str, int]:
+        """Back to the checkpoint's snapshot (cached records at other versions are dropped) and map the hot
+        slab again."""
+        counts = self.store.revert(snapshot)
         self.experts = self.store.experts_client()
         self.model.use_expert_source(self.experts)
         self.history = AccessHistory(HISTORY_STEPS)
         self.incarnations = self.store.incarnations()
+        return counts
 
     # ---- observability -------------------------------------------------------------------------
     def stats(self, step: int) -> dict[str, Any]:
