@@ -9,19 +9,23 @@ per-game usage history keeps the experts resident before they are needed: the is
 
 Trace model (seeded, ``--seed``):
 
-* ``--layers`` (6) layers of ``--experts`` (256) experts. Every game ``g`` has, per layer, a fixed expert group of
-  8..16 experts (size drawn per game and layer), disjoint between games: what a game-aware router with per-game
-  expert groups gives. Within a group, popularity is Zipf-like (weight ``1 / rank**--zipf``, s=1).
+* ``--layers`` (6) layers of ``--experts`` (256) experts. Every game ``g`` has, per layer, its own group of
+  8..16 experts (size drawn per game and layer), disjoint between games, plus ``--shared`` (2) experts per layer
+  that every game may use: each game uses mostly its own experts. Within this allowed set, popularity is
+  Zipf-like (weight ``1 / rank**--zipf``, s=1; own experts first, the shared ones last).
+* The router is the game-aware restricted router of the model (``MoEFeedForward.restrict_to`` /
+  ``HRMACTv1.restrict_experts``: logits outside the active group masked, balance within the group), so a token
+  can only pick allowed experts. ``--p-outside`` > 0 models an unrestricted router instead: that share of
+  tokens sends its second pick to a uniform expert outside the allowed set (RESULTS shows what that costs).
 * ``--games`` (5) games visited in blocks of ``--steps-per-game`` (1000) steps, in order 0..G-1 (``--rounds`` > 1
   visits them again in the same order).
-* Each step and layer, a top-2 router over ``--tokens`` (64) tokens: every token picks 2 distinct experts of the
-  game's group by popularity (Gumbel top-k sampling without replacement); with probability ``--p-outside``
-  (0.005 = 0.5% of tokens) the token's second expert is instead a uniform pick among the layer's experts outside
-  the group. The step touches the union of the picks over all layers.
+* Each step and layer, a top-2 router over ``--tokens`` (64) tokens: every token picks 2 distinct allowed experts
+  by popularity (Gumbel top-k sampling without replacement). The step touches the union of the picks over all
+  layers.
 
 Store: the actors have one capacity for all layers, so the per-layer tiers of the spec (GPU 32, DRAM 128 per
 layer) become ``capacity_gpu = 32 * layers`` slots and ``capacity_dram = 128 * layers`` records. Records are small
-(``--hidden 32 --ffn 64``: 18,433 fp32 = 73,732 bytes with the optimizer state) so all
+(``--hidden 32 --ffn 64``: 18,433 fp32 padded to 18,448 = 73,792 bytes with the optimizer state) so all
 ``layers * experts`` fit on disk quickly; the NVMe store is seeded with every expert (one ``write_many`` per layer,
 not timed) under a temporary directory.
 
@@ -32,30 +36,31 @@ variants lease exactly the same keys, so the GPU cache's own counters (``stats()
 is the time ``HotTier`` spent on demand loads (``record_stall`` is called for lease misses only, never for
 prefetch loads).
 
-Prefetch variant: right after the lease of step ``t`` (so that it overlaps step ``t``'s compute and release), the
-trainer prefetches for step ``t+1``. Assumptions, stated in the output too:
+Prefetch variant. Assumptions, stated in the output too:
 
-* The game of step ``t+1`` is known at step ``t``: in the trace it is the step's game id, standing in for the CNN
-  environment detector of the RL part run on the next batch, which the rollout workers collected already.
-* Prediction: a per-game ``AccessHistory`` (``--history-window`` steps) of the experts each layer used; on the
-  first visit to a game the history is empty and the game's expert group is taken from the game-aware routing
-  table (the router's per-game groups are known before any step of the game; only the rare out-of-group picks
-  are not).
-* At a game switch (the next step's game differs) ``dram.prefetch(layer, group)`` is called for the next game's
-  full group; every step ``gpu.prefetch(layer, predicted)`` is called for each layer whose predicted experts are
-  not all among the keys leased in the last ``--history-window`` steps (those are resident: their union, ~90 keys,
-  sits well inside 192 LRU slots, so a prefetch of them would do nothing but cost an actor call). In a block of
-  one game the history predicts exactly what was leased recently, so the calls come at game switches. Both calls
-  are fire-and-forget; the hot tier only fills free or unpinned room.
+* A game switch is announced ``--lead-steps`` (5) steps ahead. In the sequential schedule the switch is planned
+  (each game has a step budget), and where it is not, the CNN environment detector of the RL part names the game
+  of the batches the rollout workers collected for the coming training steps. The trace's game id of the
+  future step stands in for that announcement.
+* What to prefetch for a game: its per-game ``AccessHistory`` (``--history-window`` steps) of the experts each
+  layer used, or on the first visit (empty history) the game's allowed set from the routing table.
+* The announced game's experts go first to DRAM (``dram.prefetch``, from NVMe) ``2 * lead`` steps before the
+  switch, then to the hot tier (``gpu.prefetch``, from DRAM) ``lead`` steps before it: the hot tier (192 slots)
+  holds the current game's working set (~75 keys) and the next one's side by side. Besides, after every lease
+  the history of the next step's game is prefetched for each layer whose predicted experts were not all leased
+  in the last ``--history-window`` steps (a backstop; within a game block the history predicts what is resident
+  already, so these calls come at switches). All calls are fire-and-forget; the hot tier only fills free or
+  unpinned room.
 
 Also reported: the client-side time spent in the lease calls (Ray round trips included, and any wait for the hot
 tier's lock, which a concurrent prefetch holds while it loads), the stall split between the first
 ``--switch-steps`` steps after each game switch and the rest, DRAM hit rate (its lookups include the GPU tier's
 prefetch loads), and the wall time of each replay.
 
-Finding (benchmarks/RESULTS.md): prefetch removes every game-switch miss, but the stall is dominated by the
-out-of-group picks, which no game- or history-based predictor can foresee; each costs a synchronous
-GPU -> DRAM -> NVMe actor round trip, so with 0.5% of tokens out of group the stall ratio stays near 1.
+Finding (benchmarks/RESULTS.md): with the restricted router, prefetch removes every game-switch miss and the
+stall falls more than 5x. With an unrestricted router (``--p-outside 0.005``), stray picks outside the game's
+experts, which no game- or history-based predictor can foresee, dominate the stall in both variants and the
+ratio stays near 1.
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/tier_trace.py [--steps-per-game 1000] [--games 5]
 """
@@ -79,7 +84,6 @@ import ray
 from actors.tier_actors import StoreConfig, StoreHandles, create_store
 from aios_ray.store.policy import AccessHistory
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import slab_path
 
 NAMESPACE = "aios-ray-tier-trace"
 HOLDER = "trainer"
@@ -89,11 +93,11 @@ HOLDER = "trainer"
 class Trace:
     """The replayed accesses: per step its game and the distinct keys it touches (all layers)."""
 
-    groups: list[list[np.ndarray]]  # game -> layer -> expert ids, most popular first
+    groups: list[list[np.ndarray]]  # game -> layer -> the experts its router may pick, most popular first
     games: np.ndarray  # game id of each step
     keys: list[list[ExpertKey]]  # step -> sorted distinct keys
     per_layer: list[list[list[int]]]  # step -> layer -> distinct expert ids
-    outside_picks: int  # token picks routed outside the game's group
+    outside_picks: int  # token picks routed outside the game's group (only with --p-outside > 0)
 
 
 def build_trace(args: argparse.Namespace) -> Trace:
@@ -102,11 +106,12 @@ def build_trace(args: argparse.Namespace) -> Trace:
     for _layer in range(args.layers):
         order = rng.permutation(args.experts)
         sizes = rng.integers(args.group_min, args.group_max + 1, size=args.games)
-        if sizes.sum() > args.experts:
-            raise SystemExit(f"{args.games} games x up to {args.group_max} experts do not fit in {args.experts}")
-        start = 0
+        if sizes.sum() + args.shared > args.experts:
+            raise SystemExit(f"{args.games} games x up to {args.group_max} experts + {args.shared} shared do not "
+                             f"fit in {args.experts}")
+        shared, start = order[:args.shared], args.shared
         for g, size in enumerate(sizes):
-            groups[g].append(order[start:start + size])
+            groups[g].append(np.concatenate([order[start:start + size], shared]))  # own experts, then shared
             start += size
     games = np.repeat(np.tile(np.arange(args.games), args.rounds), args.steps_per_game)
     keys: list[list[ExpertKey]] = []
@@ -193,9 +198,7 @@ def replay(trace: Trace, args: argparse.Namespace, root: Path, prefetch: bool) -
         seed_store(handles, args.layers, args.experts)
         return _replay(trace, args, handles, variant, prefetch)
     finally:
-        for handle in (*handles.gpu, handles.dram, handles.nvme):
-            ray.kill(handle, no_restart=True)
-        slab_path(NAMESPACE, f"{config.name}-gpu0", config.store_path).unlink(missing_ok=True)
+        handles.shutdown()
 
 
 def _replay(trace: Trace, args: argparse.Namespace, handles: StoreHandles, variant: str, prefetch: bool) -> Result:
@@ -215,12 +218,25 @@ def _replay(trace: Trace, args: argparse.Namespace, handles: StoreHandles, varia
     recent: list[Counter[int]] = [Counter() for _ in range(args.layers)]
     driver_prefetch = 0.0
 
-    def issue_prefetch(step: int) -> None:
-        nonlocal pending, prefetch_calls
+    def switches_to(step: int) -> bool:
+        return 0 <= step < n and (step == 0 or trace.games[step] != trace.games[step - 1])
+
+    def prefetch_game(tier: ray.actor.ActorHandle, step: int) -> None:
+        """The game of ``step`` is announced: its experts go to ``tier`` (fire and forget)."""
+        nonlocal prefetch_calls
         game = int(trace.games[step])
-        if step == 0 or game != trace.games[step - 1]:
-            for layer in range(args.layers):
-                pending.append(dram.prefetch.remote(layer, [int(e) for e in trace.groups[game][layer]]))
+        for layer in range(args.layers):
+            pending.append(tier.prefetch.remote(layer, predict(trace, history, game, layer, args.gpu_per_layer)))
+            prefetch_calls += tier is gpu
+
+    def issue_prefetch(step: int) -> None:
+        """After the lease of ``step - 1``: the announced switches, then the history for ``step``."""
+        nonlocal pending, prefetch_calls
+        if switches_to(step - 1 + 2 * args.lead_steps):  # the DRAM tier first, from NVMe
+            prefetch_game(dram, step - 1 + 2 * args.lead_steps)
+        if switches_to(step - 1 + args.lead_steps):  # then the hot tier, from DRAM
+            prefetch_game(gpu, step - 1 + args.lead_steps)
+        game = int(trace.games[step])
         for layer in range(args.layers):
             ids = predict(trace, history, game, layer, args.gpu_per_layer)
             if any(recent[layer][e] == 0 for e in ids):
@@ -230,8 +246,13 @@ def _replay(trace: Trace, args: argparse.Namespace, handles: StoreHandles, varia
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
             ray.get(ready)
 
-    if prefetch:
-        issue_prefetch(0)  # the first batch's game is known before the first step
+    if prefetch:  # before the first step: the switches named already (issue_prefetch(0) adds the next ones)
+        for step in range(2 * args.lead_steps - 1):
+            if switches_to(step):
+                prefetch_game(dram, step)
+            if step < args.lead_steps - 1 and switches_to(step):
+                prefetch_game(gpu, step)
+        issue_prefetch(0)
     mark = ray.get(gpu.stats.remote())
     phase = "switch"
     started = last_report = time.perf_counter()
@@ -277,6 +298,12 @@ def _replay(trace: Trace, args: argparse.Namespace, handles: StoreHandles, varia
                   float(np.median(rtt)), driver_prefetch, phases)
 
 
+def _stall_note(gpu: dict[str, Any]) -> str:
+    if gpu["misses"]:
+        return f"{1e3 * gpu['stall_seconds'] / gpu['misses']:.2f} ms per miss, waits for prefetches in flight included"
+    return "no misses: all of it is leases waiting for prefetches in flight"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -293,14 +320,23 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=64, help="record layout: ffn size")
     parser.add_argument("--tokens", type=int, default=64, help="tokens routed per step and layer (top-2)")
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent within a game's group")
-    parser.add_argument("--p-outside", type=float, default=0.005,
-                        help="share of tokens whose second expert is outside the game's group")
+    parser.add_argument("--p-outside", type=float, default=0.0,
+                        help="share of tokens whose second expert is a uniform pick outside the game's group: 0 is "
+                             "the restricted game-aware router (MoEFeedForward.restrict_to); > 0 models an "
+                             "unrestricted router's stray picks")
+    parser.add_argument("--shared", type=int, default=2,
+                        help="experts per layer that every game's router may pick besides its own group")
+    parser.add_argument("--lead-steps", type=int, default=5,
+                        help="steps before a game switch that the detector (or the schedule) names the next game: "
+                             "its experts go to the hot tier then, and to DRAM twice as early")
     parser.add_argument("--history-window", type=int, default=8)
     parser.add_argument("--switch-steps", type=int, default=10, help="steps after a switch counted as 'switch'")
     parser.add_argument("--compute-ms", type=float, default=0.0, help="sleep between lease and release")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress-seconds", type=float, default=15.0)
     args = parser.parse_args()
+    if args.lead_steps < 1:
+        parser.error("--lead-steps must be >= 1 (1: the switch is known one step ahead)")
 
     layout = ExpertLayout(args.hidden, args.ffn)
     trace = build_trace(args)
@@ -311,19 +347,23 @@ def main() -> None:
           f"ray {ray.__version__}, python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
     print(f"trace: {args.games} games x {args.steps_per_game} steps x {args.rounds} round(s) = {n} steps, "
           f"{args.layers} layers x {args.experts} experts, seed {args.seed}")
-    print(f"  game groups (experts per layer, disjoint between games): {sizes}")
-    print(f"  router: {args.tokens} tokens x top-2 per layer and step, Zipf s={args.zipf} within the group, "
-          f"{args.p_outside * 100:g}% of tokens send their 2nd pick outside the group "
-          f"({trace.outside_picks} picks in all)")
+    print(f"  allowed experts per game and layer (own group, disjoint between games, + shared): {sizes}")
+    print(f"  router: {args.tokens} tokens x top-2 per layer and step among the game's experts + {args.shared} "
+          f"shared, Zipf s={args.zipf}; " + (f"unrestricted: {args.p_outside * 100:g}% of tokens send their 2nd "
+          f"pick outside ({trace.outside_picks} picks in all)" if args.p_outside else "restricted to the game's "
+          "allowed experts"))
     print(f"store: capacity_gpu={args.gpu_per_layer}x{args.layers}={args.gpu_per_layer * args.layers} slots, "
           f"capacity_dram={args.dram_per_layer}x{args.layers}={args.dram_per_layer * args.layers} records "
           f"(one capacity shared by all layers), record {layout.nbytes:,} bytes "
           f"(hidden={args.hidden}, ffn={args.ffn}, fp32 weights + Adam state)")
     print("per step: 1 lease (all layers' keys) + " + (f"{args.compute_ms} ms sleep + " if args.compute_ms else "")
-          + "1 release; prefetch variant: after the lease, prefetch for the next step")
-    print("assumptions: the next step's game id is known (stands in for the CNN environment detector on the next "
-          "batch); first visit to a game predicts its group from the game-aware routing table, later steps use a "
-          f"per-game AccessHistory(window={args.history_window})")
+          + f"1 release; prefetch variant: after the lease, prefetch what the detector announced "
+          f"({args.lead_steps} steps ahead for the hot tier, {2 * args.lead_steps} for DRAM) and the history's "
+          "prediction for the next step")
+    print(f"assumptions: a game switch is announced {args.lead_steps} steps ahead (the schedule, or the CNN "
+          "environment detector on the batches collected for the coming steps); first visit to a game predicts its "
+          "allowed experts from the game-aware routing table, later visits use a per-game "
+          f"AccessHistory(window={args.history_window})")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -349,8 +389,8 @@ def main() -> None:
               f"(driver time predicting and issuing them {r.driver_prefetch:.2f} s)")
         print(f"  gpu: hits={g['hits']} misses={g['misses']} prefetch_hits={g['prefetch_hits']} "
               f"prefetches_issued={g['prefetches_issued']} evictions={g['evictions']} "
-              f"stall_seconds={g['stall_seconds']:.4f} ({1e3 * g['stall_seconds'] / max(g['misses'], 1):.2f} ms "
-              f"per miss; empty actor call {1e3 * r.rtt:.2f} ms median)")
+              f"stall_seconds={g['stall_seconds']:.4f} ({_stall_note(g)}; empty actor call {1e3 * r.rtt:.2f} ms "
+              "median)")
         for phase_name, p in r.phases.items():
             print(f"  gpu {phase_name:>6} steps: hits={p.hits} misses={p.misses} stall_seconds={p.stall:.4f}")
         print(f"  dram: hits={d['hits']} misses={d['misses']} hit_rate={r.dram_hit_rate:.4f} "
