@@ -13,21 +13,24 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from actors.nvme_store import create_nvme_store
 from aios_ray.errors import UserError
 from aios_ray.store.control import revert_counts
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import Slab, slab_path
+from aios_ray.store.slab import CudaSlab, HotSlab, Slab, open_shared_slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, Item
 
 MAX_CONCURRENCY = 4
+# The GPU cache actor asks Ray for this share of a GPU, and a training worker beside it for the rest: on a
+# node with one GPU both land on it, which CUDA IPC needs (``open_shared_slab`` checks it).
+GPU_CACHE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,14 @@ class StoreConfig:
     dtype: str = "float32"
     namespace: str = "aios-ray"
     num_gpu_caches: int = 1
+    device: str = "cpu"  # "cuda": the hot slots live in GPU memory, shared by CUDA IPC
+    gpu_share: float = GPU_CACHE_SHARE  # the GPU cache actor's fractional num_gpus (scheduling only)
 
     def __post_init__(self) -> None:
         if self.dtype != "float32":
             raise ValueError(f"store dtype {self.dtype!r}: only float32 records are supported")
+        if self.device not in ("cpu", "cuda") or not 0 < self.gpu_share < 1:
+            raise ValueError(f"store device {self.device!r} (cpu or cuda), gpu_share {self.gpu_share} (0..1)")
         if self.capacity_gpu <= 0 or self.capacity_dram <= 0:
             raise ValueError("capacity_gpu and capacity_dram must be > 0 (expert records)")
 
@@ -135,20 +142,26 @@ class DramCacheActor(_CacheActorBase):
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class GpuCacheActor(_CacheActorBase):
-    """The hot tier. Without a GPU it keeps its slots in a shared-memory file (same rules)."""
+    """The hot tier: its slots in GPU memory (``device="cuda"``, shared by CUDA IPC), or without a GPU in a
+    shared-memory file (same rules)."""
 
     def __init__(self, config: StoreConfig, index: int, dram: ray.actor.ActorHandle) -> None:
         self.config = config
         layout = config.layout
-        path = slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path)
-        # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
-        path.unlink(missing_ok=True)
-        self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
+        self.slab: HotSlab
+        if config.device == "cuda":  # Ray made the GPU it assigned visible as device 0
+            self.slab = CudaSlab.allocate(config.capacity_gpu, layout.numel, torch.device("cuda", 0))
+        else:
+            path = slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path)
+            # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
+            path.unlink(missing_ok=True)
+            self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
         self.tier = HotTier(self.slab, layout, DramActorTier(dram))
         self.metrics = TierMetrics("gpu")
 
     def slab_info(self) -> dict[str, Any]:
-        return {"path": str(self.slab.path), "num_slots": self.slab.num_slots, "numel": self.slab.numel}
+        """What a training process needs to map the slots (``open_shared_slab``)."""
+        return self.slab.share()
 
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
         return self.tier.lease(keys, holder)
@@ -254,8 +267,7 @@ class StoreHandles:
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""
-        info = ray.get(self.gpu[index].slab_info.remote())
-        slab = Slab(Path(info["path"]), info["num_slots"], info["numel"], create=False)
+        slab = open_shared_slab(ray.get(self.gpu[index].slab_info.remote()))
         return TieredExperts(ActorHotClient(self.gpu[index]), slab, self.config.layout)
 
 
@@ -279,7 +291,8 @@ def create_store(config: StoreConfig) -> StoreHandles:
     nvme = create_nvme_store(config.store_path, config.layout, name=f"{config.name}-nvme",
                              namespace=config.namespace)
     dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)
-    gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=0, **options).remote(config, i, dram)
+    num_gpus = config.gpu_share if config.device == "cuda" else 0
+    gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=num_gpus, **options).remote(config, i, dram)
            for i in range(config.num_gpu_caches)]
     for actor in (dram, *gpu):  # found by name: it must be this store, not another run's
         existing = ray.get(actor.store_config.remote())

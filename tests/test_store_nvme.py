@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -216,8 +217,11 @@ def test_actor_serves_zero_copy_records_and_rebuilds_from_disk_after_a_restart(r
         stats = ray.get(actor.stats.remote())
         assert stats["reads"] == 1 + len(keys) and stats["writes"] == len(keys) and stats["experts"] == len(keys)
 
-        ray.kill(actor, no_restart=False)
-        after_records = ray.get(actor.read_many.remote(keys))  # retried until the restarted actor answers
+        ray.kill(actor, no_restart=False)  # asynchronous: wait until a new process answers
+        deadline = time.time() + 60
+        while ray.get(actor.stats.remote())["pid"] == stats["pid"] and time.time() < deadline:
+            time.sleep(0.05)
+        after_records = ray.get(actor.read_many.remote(keys))
         after = {key: hashlib.sha256(flat.tobytes()).hexdigest()
                  for key, (flat, _) in zip(keys, after_records, strict=True)}
         assert after == before

@@ -12,7 +12,7 @@ from aios_ray.config import ModelConfig, TrainConfig
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.nvme import NvmeStore
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import Slab
+from aios_ray.store.slab import Slab, open_shared_slab
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, NvmeAsLower
 from aios_ray.train.optim import BETAS, EPS, build_optimizer
@@ -112,7 +112,7 @@ def test_a_leased_slot_is_never_evicted_and_the_slab_is_shared(tmp_path: Path):
     keys = [ExpertKey(0, e) for e in range(3)]
     nvme.write_many([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
     slots = hot.lease(keys[:2], "a")
-    other = Slab(slab.path, slab.num_slots, slab.numel, create=False)  # a second mapping, as another process
+    other = open_shared_slab(slab.share())  # a second mapping, as the training process makes it
     assert other.row(slots[keys[1]])[0].item() == 1.0
     other.row(slots[keys[1]])[0] = 42.0  # written through one mapping, seen through the other
     assert slab.row(slots[keys[1]])[0].item() == 42.0
@@ -318,3 +318,26 @@ def test_a_lease_waits_for_the_prefetch_of_its_key_instead_of_fetching_it_again(
     assert key in result and fetched == [([key], True)]  # fetched once, by the prefetch
     stats = hot.stats()
     assert stats["prefetch_hits"] == 1 and stats["misses"] == 0 and stats["stall_seconds"] > 0
+
+
+def _write_through_shared_slab(info: dict, slot: int, value: float) -> None:
+    open_shared_slab(info).row(slot).fill_(value)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_cuda_slab_is_shared_with_another_process_zero_copy():
+    """The GPU twin of the shared-memory slab: another process maps the slots through a CUDA IPC handle and
+    its writes land in the owner's device memory."""
+    import torch.multiprocessing as mp
+
+    from aios_ray.store.slab import CudaSlab
+
+    slab = CudaSlab.allocate(4, 32, torch.device("cuda", 0))
+    child = mp.get_context("spawn").Process(target=_write_through_shared_slab, args=(slab.share(), 2, 7.0))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    torch.cuda.synchronize()
+    assert slab.row(2).eq(7.0).all() and slab.row(1).eq(0.0).all()
+    assert slab.read(2).dtype == np.float32 and (slab.read(2) == 7.0).all()

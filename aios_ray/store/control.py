@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from aios_ray.store.nvme import NvmeStore
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import Slab, slab_path
+from aios_ray.store.slab import CudaSlab, HotSlab, Slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, Item, NvmeAsLower
 
@@ -43,11 +44,14 @@ def revert_counts(committed: dict[ExpertKey, int], hot: Any, dram: Any) -> dict[
 
 
 class LocalStore:
-    def __init__(self, root: Path, layout: ExpertLayout, capacity_gpu: int, capacity_dram: int, name: str) -> None:
+    def __init__(self, root: Path, layout: ExpertLayout, capacity_gpu: int, capacity_dram: int, name: str,
+                 device: str = "cpu") -> None:
         self.layout = layout
         self.nvme = NvmeStore(root, layout)
         self.dram = DramTier(capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
-        self.slab = Slab(slab_path("local", name, str(root)), capacity_gpu, layout.numel, create=True)
+        self.slab: HotSlab = (CudaSlab.allocate(capacity_gpu, layout.numel, torch.device(device))
+                              if device.startswith("cuda")
+                              else Slab(slab_path("local", name, str(root)), capacity_gpu, layout.numel, create=True))
         self.hot = HotTier(self.slab, layout, self.dram)
 
     def experts_client(self) -> TieredExperts:

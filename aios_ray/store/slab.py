@@ -1,9 +1,15 @@
-"""The hot tier's memory: a slab of expert slots that several processes map at once, zero-copy.
+"""The hot tier's memory: a slab of expert slots that several processes use at once, zero-copy.
 
-On the CPU the slab is a file in ``/dev/shm`` mapped with ``torch.from_file(..., shared=True)``: the
-cache actor writes records into slots, a training process on the same node computes on the very same
-pages and applies its optimizer step in place. (On a GPU the same role is played by a CUDA IPC
-handle of one device allocation; that export/import sits behind this class's interface.)
+Two kinds, one interface (``row``, ``read``, ``write``, ``share``, ``unlink``):
+
+- ``Slab`` (CPU): a file in ``/dev/shm`` mapped with ``torch.from_file(..., shared=True)``. The cache actor
+  writes records into slots; a training process on the same node computes on the very same pages and
+  applies its optimizer step in place.
+- ``CudaSlab`` (GPU): one device allocation owned by the cache actor, shared with the training process on
+  the same GPU through a CUDA IPC handle (PyTorch's own ``torch.multiprocessing`` export/import). Only the
+  two small functions ``export_cuda_ipc`` / ``import_cuda_ipc`` are GPU-specific.
+
+``share()`` describes a slab so that another process can map it with ``open_shared_slab``.
 """
 
 from __future__ import annotations
@@ -12,8 +18,12 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from aios_ray.errors import UserError
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
@@ -26,7 +36,25 @@ def slab_path(namespace: str, name: str, store_root: str) -> Path:
     return SHM_DIR / f"aios-ray-{safe}-{digest}.slab"
 
 
-class Slab:
+class _Rows:
+    """What both kinds share: ``tensor`` is (num_slots, numel) fp32."""
+
+    tensor: torch.Tensor
+    num_slots: int
+    numel: int
+
+    def row(self, slot: int) -> torch.Tensor:
+        return self.tensor[slot]
+
+    def read(self, slot: int) -> np.ndarray:
+        """A host copy of one slot (what is written back to the tier below)."""
+        return self.tensor[slot].detach().cpu().numpy().copy()
+
+    def write(self, slot: int, flat: np.ndarray) -> None:
+        self.row(slot).copy_(torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+
+
+class Slab(_Rows):
     """``num_slots`` rows of ``numel`` fp32 values in a shared, file-backed mapping."""
 
     def __init__(self, path: Path, num_slots: int, numel: int, create: bool) -> None:
@@ -40,9 +68,62 @@ class Slab:
         mapped = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.float32)
         self.tensor = mapped.view(num_slots, numel)
 
-    def row(self, slot: int) -> torch.Tensor:
-        return self.tensor[slot]
+    def share(self) -> dict[str, Any]:
+        return {"kind": "shm", "path": str(self.path), "num_slots": self.num_slots, "numel": self.numel}
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class CudaSlab(_Rows):
+    """The slots in GPU memory. The owner allocates them; another process on the same GPU maps them."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.num_slots, self.numel = tensor.shape
+
+    @classmethod
+    def allocate(cls, num_slots: int, numel: int, device: torch.device) -> CudaSlab:
+        return cls(torch.zeros(num_slots, numel, dtype=torch.float32, device=device))
+
+    def share(self) -> dict[str, Any]:
+        return {"kind": "cuda", "ipc": export_cuda_ipc(self.tensor), "gpu": gpu_uuid(self.tensor.device),
+                "num_slots": self.num_slots, "numel": self.numel}
+
+    def unlink(self) -> None:
+        """The memory is freed with the owner's tensor; nothing on disk."""
+
+
+HotSlab = Slab | CudaSlab
+
+
+def open_shared_slab(info: dict[str, Any]) -> HotSlab:
+    """Map the slab that ``share()`` described, in this process (zero-copy)."""
+    if info["kind"] == "shm":
+        return Slab(Path(info["path"]), info["num_slots"], info["numel"], create=False)
+    device = torch.device("cuda", torch.cuda.current_device())
+    if gpu_uuid(device) != info["gpu"]:
+        raise UserError(f"the hot expert tier's slots are on GPU {info['gpu']}, this training process runs on "
+                        f"GPU {gpu_uuid(device)}: CUDA IPC shares memory only on the same GPU")
+    return CudaSlab(import_cuda_ipc(info["ipc"]))
+
+
+def gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def export_cuda_ipc(tensor: torch.Tensor) -> tuple:
+    """The CUDA IPC description of ``tensor`` (memory handle, offsets, ref-counter handle), as PyTorch's
+    ``torch.multiprocessing`` sends a CUDA tensor to another process. The owner must keep ``tensor`` alive."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _rebuild, args = reduce_tensor(tensor)
+    return args
+
+
+def import_cuda_ipc(args: tuple) -> torch.Tensor:
+    """A tensor on the same device memory as the exporter's (``cudaIpcOpenMemHandle`` under the hood)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(*args)

@@ -20,7 +20,7 @@ import torch
 from aios_ray.errors import UserError
 from aios_ray.store.policy import TierFullError
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import Slab
+from aios_ray.store.slab import HotSlab
 from aios_ray.train.optim import adamw_update_
 
 _holders = itertools.count()
@@ -50,7 +50,7 @@ def _received_gradient(leaves: tuple[torch.Tensor, torch.Tensor]) -> bool:
 
 
 class TieredExperts:
-    def __init__(self, client: HotClient, slab: Slab, layout: ExpertLayout) -> None:
+    def __init__(self, client: HotClient, slab: HotSlab, layout: ExpertLayout) -> None:
         self.client, self.slab, self.layout = client, slab, layout
         self.holder = f"{os.getpid()}-{next(_holders)}"
         self.slots: dict[ExpertKey, int] = {}

@@ -19,7 +19,7 @@ import numpy as np
 
 from aios_ray.store.policy import TierFullError, TierPolicy
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import Slab
+from aios_ray.store.slab import HotSlab
 
 Item = tuple[ExpertKey, np.ndarray, int]  # key, flat record, version
 
@@ -146,7 +146,7 @@ class HotTier:
     computes on them in place and marks what it updated dirty; ``release`` ends the lease.
     """
 
-    def __init__(self, slab: Slab, layout: ExpertLayout, lower: LowerTier) -> None:
+    def __init__(self, slab: HotSlab, layout: ExpertLayout, lower: LowerTier) -> None:
         self.slab, self.layout, self.lower = slab, layout, lower
         self.policy = TierPolicy(slab.num_slots * layout.nbytes, capacity_entries=slab.num_slots)
         self.slot_of: dict[ExpertKey, int] = {}
@@ -250,14 +250,14 @@ class HotTier:
         evictions = self.policy.admit(key, self.layout.nbytes, prefetched=prefetched, version=version)
         self._evict(evictions)
         slot = self.free.pop()
-        self.slab.row(slot).copy_(_as_tensor(flat))
+        self.slab.write(slot, flat)
         self.slot_of[key], self.version[key] = slot, version
         if pin_for is not None:
             self.policy.pin(key)
             pin_for.append(key)
 
     def _evict(self, evictions: list) -> None:
-        dirty = [(e.key, self.slab.row(self.slot_of[e.key]).numpy().copy(), e.version) for e in evictions if e.dirty]
+        dirty = [(e.key, self.slab.read(self.slot_of[e.key]), e.version) for e in evictions if e.dirty]
         if dirty:
             self.lower.put_many(dirty)
             self.policy.record_bytes(bytes_out=len(dirty) * self.layout.nbytes)
@@ -269,7 +269,7 @@ class HotTier:
         """Every update made so far becomes durable on NVMe (through DRAM)."""
         with self.lock:
             dirty = self.policy.dirty_keys()
-            items = [(k, self.slab.row(self.slot_of[k]).numpy().copy(), self.version[k]) for k in dirty]
+            items = [(k, self.slab.read(self.slot_of[k]), self.version[k]) for k in dirty]
             if items:
                 self.lower.put_many(items)
                 for key, _, version in items:
@@ -308,8 +308,3 @@ class HotTier:
         return {"tier": "hot", "incarnation": self.incarnation, "slots": self.slab.num_slots,
                 "entries": len(self.policy), "used_bytes": self.policy.used_bytes, **self.policy.counters.to_dict()}
 
-
-def _as_tensor(flat: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.asarray(flat, dtype=np.float32))

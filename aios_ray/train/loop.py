@@ -81,7 +81,8 @@ class LocalContext:
         """Without Ray the same tier classes run in this process."""
         from aios_ray.store.control import LocalStore
 
-        return LocalStore(spec.path, spec.layout, spec.capacity_gpu, spec.capacity_dram, spec.name)
+        device = str(self.device) if spec.device == "cuda" else "cpu"
+        return LocalStore(spec.path, spec.layout, spec.capacity_gpu, spec.capacity_dram, spec.name, device)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def open_store_actors(spec: StoreSpec) -> Any:
 
     config = StoreConfig(name=spec.name, store_path=str(spec.path), hidden_size=spec.layout.hidden_size,
                          ffn_size=spec.layout.ffn_size, capacity_gpu=spec.capacity_gpu,
-                         capacity_dram=spec.capacity_dram)
+                         capacity_dram=spec.capacity_dram, device=spec.device)
     return create_store(config)
 
 
@@ -99,6 +99,16 @@ def _inside_ray_job() -> bool:
     return "RAY_JOB_ID" in os.environ or "RAY_ADDRESS" in os.environ
 
 
+def _worker_resources(cfg: Config) -> dict[str, float]:
+    """One CPU; on GPUs with tiered experts, a GPU less the GPU cache actor's share, so that on a one-GPU
+    node the worker and the cache actor share that GPU (CUDA IPC needs the same device)."""
+    if cfg.cluster.use_gpu and cfg.train.experts == "tiered":
+        from actors.tier_actors import GPU_CACHE_SHARE
+
+        return {"CPU": 1, "GPU": 1 - GPU_CACHE_SHARE}
+    return {"CPU": 1}
+
+
 def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[str, Any]:
     cfg: Config = plan.config
     ensure_ray(cfg.cluster.address)
@@ -109,7 +119,7 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
         train_loop_config={"plan": plan, "data": ray.put(data)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1}),
+                                     resources_per_worker=_worker_resources(cfg)),
         run_config=RunConfig(
             name=f"{cfg.train.brain_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),

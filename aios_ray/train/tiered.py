@@ -37,6 +37,7 @@ class StoreSpec:
     layout: ExpertLayout
     capacity_gpu: int  # expert records
     capacity_dram: int
+    device: str = "cpu"  # where the hot tier's slots live: "cuda" when the run trains on GPUs
 
     @classmethod
     def for_run(cls, cfg: Config, bundle_root: str | Path) -> StoreSpec:
@@ -44,7 +45,8 @@ class StoreSpec:
         total = model.num_experts * (model.h_layers + model.l_layers)  # every block's FFN is an MoE
         path = Path(cfg.train.store_path or Path(bundle_root) / "expert_store").resolve()
         return cls(cfg.train.brain_name, path, ExpertLayout(model.hidden_size, model.ffn_size),
-                   cfg.train.capacity_gpu or total, cfg.train.capacity_dram or total)
+                   cfg.train.capacity_gpu or total, cfg.train.capacity_dram or total,
+                   "cuda" if cfg.cluster.use_gpu else "cpu")
 
 
 class TieredRun:
