@@ -7,11 +7,12 @@ tokenizer, same token arrays, so identically seeded samplers hand both the same 
 
 * ``local``: ``LocalContext()``, experts are ``nn.Parameter``s of the model, MoE layers take the grouped
   fast path (``MoEFeedForward._experts_fast``), AdamW in ``torch.optim``;
-* ``tiered``: a context whose ``open_expert_store`` is ``RayTrainContext.open_expert_store`` (the real
+* ``tiered``: a context whose ``open_expert_store`` is ``ray_train.open_store_actors`` (the real
   ``NvmeStoreActor`` / ``DramCacheActor`` / ``GpuCacheActor`` of ``actors/tier_actors.py`` under
   ``ray.init(address="local", num_cpus=2)``); this process plays the Ray Train worker: it maps the hot slab,
-  leases, computes on the slots (``MoEFeedForward._experts_tiered``: one matmul chain per expert), runs AdamW
-  in the slots and marks them dirty, releases.
+  leases, computes on the slots (``MoEFeedForward._experts_tiered``: the same grouped matmuls as ``local``,
+  reading the weights in place through strided views of the slab), runs AdamW in the slots and marks them
+  dirty, releases.
 
 ``Trainer.train_step()`` calls alternate local, tiered, local, tiered, ... (the machine's timings swing 2x
 between processes; only same-process interleaved ratios count). The first ``--warmup`` pairs bring every expert
@@ -54,12 +55,13 @@ import torch  # noqa: E402
 from torch.autograd.profiler_util import FunctionEvent  # noqa: E402
 
 from aios_ray.config import Config, load_yaml_config, merge  # noqa: E402
-from aios_ray.model.moe import MoEFeedForward, _DispatchPlan, _ExpertFFN  # noqa: E402
+from aios_ray.model.moe import MoEFeedForward  # noqa: E402
 from aios_ray.store.record import ExpertLayout  # noqa: E402
-from aios_ray.store.tiered_experts import _alias  # noqa: E402
+from aios_ray.store.tiered_experts import _alias, _slot_weight_views  # noqa: E402
 from aios_ray.train.loop import LocalContext, RunPlan, Trainer  # noqa: E402
 from aios_ray.train.prepare import prepare_run  # noqa: E402
-from aios_ray.train.ray_train import RayTrainContext  # noqa: E402
+from aios_ray.train.ray_train import open_store_actors  # noqa: E402
+from aios_ray.train.tiered import StoreSpec  # noqa: E402
 
 EXPERT_RANGE = "bench::expert_ffn"
 ACTOR_PREFIX = "bench::actor."
@@ -69,9 +71,8 @@ OPTIM_SLOTS = "bench::optimizer_slots"
 class RayStoreContext(LocalContext):
     """This process as the (single) Ray Train worker: CPU, no DDP, but the expert store is the real actors."""
 
-    def open_expert_store(self, name: str, path: Path, layout: ExpertLayout, capacity_gpu: int,
-                          capacity_dram: int) -> Any:
-        return RayTrainContext.open_expert_store(self, name, path, layout, capacity_gpu, capacity_dram)  # type: ignore[arg-type]
+    def open_expert_store(self, spec: StoreSpec) -> Any:
+        return open_store_actors(spec)
 
 
 class CallTimer:
@@ -217,8 +218,8 @@ def breakdown(variant: Variant) -> dict[str, Any]:
 
 
 class SlabSource:
-    """Experts as the tiered path sees them: autograd leaves aliasing rows of one (E, record numel) fp32 slab
-    (rows are records: weights, moments, step; odd numel, so most rows are not 16-byte aligned)."""
+    """Experts as the tiered path sees them, without the store: expert e in row e of one (E, record numel)
+    fp32 slab (rows are records: weights, moments, step, padded to 64 bytes), autograd leaves aliasing it."""
 
     def __init__(self, moe: MoEFeedForward, layout: ExpertLayout) -> None:
         self.slab = torch.zeros(moe.num_experts, layout.numel)
@@ -229,24 +230,23 @@ class SlabSource:
             views["w_down"].copy_(moe.w_down[e].detach())
             self.leaves[e] = (_alias(views["w_gate_up"]).requires_grad_(True),
                               _alias(views["w_down"]).requires_grad_(True))
+        self.views = _slot_weight_views(self.slab, layout)
 
     def weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {e: self.leaves[e] for e in experts}
 
+    def slots_of(self, layer: int, experts: list[int]) -> list[int]:
+        return list(experts)
 
-def stacked_grouped(moe: MoEFeedForward, source: SlabSource, x: torch.Tensor, routing: Any) -> torch.Tensor:
-    """Prototype of the proposed fix (not used by training): stack the leased leaves (one copy; the stack's
-    backward hands each leaf its slice of the gradient) and run the grouped fast path on them."""
-    w_gate_up = torch.stack([source.leaves[e][0] for e in range(moe.num_experts)])
-    w_down = torch.stack([source.leaves[e][1] for e in range(moe.num_experts)])
-    plan = _DispatchPlan.build(routing, moe.num_experts)
-    return _ExpertFFN.apply(x, w_gate_up, w_down, routing.combine_weight, plan)
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views
 
 
 def layer_check(cfg: Config, rounds: int) -> None:
     """The expert computation alone at the preset's MoE shape and a training batch's token count, interleaved:
-    local fast path, tiered eager path, and the stacked-grouped prototype; no-grad forward (most MoE calls of a
-    step: the one-step gradient runs all but the last cycles without grad) and forward+backward."""
+    local fast path, tiered path (grouped over the slab's slots) and the per-expert loop it replaced (still
+    used under autocast); no-grad forward (most MoE calls of a step: the one-step gradient runs all but the
+    last cycles without grad) and forward+backward."""
     m, t = cfg.model, cfg.train
     torch.manual_seed(t.seed)
     moe = MoEFeedForward(m.hidden_size, m.ffn_size, m.num_experts, m.num_experts_per_tok, m.moe_capacity_factor)
@@ -260,11 +260,12 @@ def layer_check(cfg: Config, rounds: int) -> None:
     impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "fast": lambda inp: moe._experts_fast(inp, routing),
         "tiered": lambda inp: tiered_moe._experts_tiered(inp, routing),
-        "stacked": lambda inp: stacked_grouped(moe, source, inp, routing),
+        "loop": lambda inp: tiered_moe._experts_tiered_loop(
+            inp, routing, routing.expert_index[routing.kept].unique().tolist(), source.leaves),
     }
     grads = torch.randn(x.shape)
     ref = impls["fast"](x).detach()
-    for name in ("tiered", "stacked"):
+    for name in ("tiered", "loop"):
         print(f"layer check {name} vs fast: max |out diff| {float((impls[name](x).detach() - ref).abs().max()):.2e}")
 
     def run(name: str, backward: bool) -> float:
@@ -290,11 +291,11 @@ def layer_check(cfg: Config, rounds: int) -> None:
                     times[name].append(elapsed)
         med = {name: statistics.median(v) for name, v in times.items()}
         ratios = {name: statistics.median(f / o for f, o in zip(times["fast"], times[name], strict=True))
-                  for name in ("tiered", "stacked")}
+                  for name in ("tiered", "loop")}
         label = "fwd+bwd" if backward else "fwd no-grad"
         print(f"layer check {label} N={x.shape[0]}: fast {med['fast'] * 1e3:.1f} ms, "
               f"tiered {med['tiered'] * 1e3:.1f} ms (fast/tiered {ratios['tiered']:.3f}), "
-              f"stacked {med['stacked'] * 1e3:.1f} ms (fast/stacked {ratios['stacked']:.3f})", flush=True)
+              f"loop {med['loop'] * 1e3:.1f} ms (fast/loop {ratios['loop']:.3f})", flush=True)
 
 
 def main() -> None:

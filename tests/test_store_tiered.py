@@ -341,3 +341,38 @@ def test_cuda_slab_is_shared_with_another_process_zero_copy():
     torch.cuda.synchronize()
     assert slab.row(2).eq(7.0).all() and slab.row(1).eq(0.0).all()
     assert slab.read(2).dtype == np.float32 and (slab.read(2) == 7.0).all()
+
+
+def test_tiered_experts_take_the_grouped_path_over_the_slab_without_copying_weights(tmp_path: Path, monkeypatch):
+    """fp32 tiered experts run the same grouped matmuls as local ones, reading the weights in place in the
+    slab (the per-expert loop is only for autocast), and give the same outputs and gradients."""
+    from aios_ray.model import moe as moe_module
+
+    torch.manual_seed(1)
+    local, tiered = HRMACTv1(CFG).train(), HRMACTv1(CFG).train()
+    tiered.load_state_dict(local.state_dict())
+    layout = ExpertLayout(CFG.hidden_size, CFG.ffn_size)
+    nvme, _dram, hot, slab = build_store(tmp_path, layout, hot_slots=16, dram_records=16)
+    nvme.write_many(local_records(local, layout))
+    source = TieredExperts(hot, slab, layout)
+    tiered.use_expert_source(source)
+    weight_storages = []
+    real_grouped_matmul = moe_module.grouped_matmul
+
+    def recording(x, weights, group_ends):
+        weight_storages.append(weights.untyped_storage().data_ptr())
+        return real_grouped_matmul(x, weights, group_ends)
+
+    monkeypatch.setattr(moe_module, "grouped_matmul", recording)
+    monkeypatch.setattr(moe_module.MoEFeedForward, "_experts_tiered_loop",
+                        lambda *a: pytest.fail("fp32 tiered experts fell back to the per-expert loop"))
+    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.max_seq_len + 1), generator=torch.Generator().manual_seed(5))
+    source.begin_step()
+    out_local, out_tiered = local(tokens[:, :-1], tokens[:, 1:]), tiered(tokens[:, :-1], tokens[:, 1:])
+    out_local.loss.backward()
+    out_tiered.loss.backward()
+    torch.testing.assert_close(out_tiered.logits, out_local.logits, atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(local, tiered, source)
+    slab_storage = slab.tensor.untyped_storage().data_ptr()
+    assert weight_storages.count(slab_storage) == len(weight_storages) // 2  # tiered calls: every one on the slab
+    source.end_step()

@@ -162,17 +162,35 @@ class MoEFeedForward(nn.Module):
         return out
 
     def use_expert_source(self, source: Any) -> None:
-        """Hand the experts to a tiered store: drop the local weights; ``source.weights(layer, ids)``
-        supplies (w_gate_up, w_down) per expert from then on."""
+        """Hand the experts to a tiered store: drop the local weights. From then on ``source.weights(layer, ids)``
+        supplies (w_gate_up, w_down) leaf tensors per expert, ``source.slots_of(layer, ids)`` their slots and
+        ``source.slot_weights()`` every slot's weights as (S, C, 2F) and (S, F, C) views."""
         for name in ("w_gate_up", "w_down"):
             if name in self._parameters:
                 delattr(self, name)
         self.expert_source = source
 
     def _experts_tiered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Experts from leased store slots: one matmul chain per expert that received tokens."""
+        """Experts from leased store slots, by the grouped fast path with the slots as groups (the weights are
+        read in place through strided views of the slab; no copy)."""
         used = routing.expert_index[routing.kept].unique().tolist()
-        weights = self.expert_source.weights(self.layer_index, used)
+        leaves = self.expert_source.weights(self.layer_index, used)
+        slot_w_gate_up, slot_w_down = self.expert_source.slot_weights()
+        if not used or x.dtype != slot_w_gate_up.dtype:  # autocast: cast per used expert, not the whole slab
+            return self._experts_tiered_loop(x, routing, used, leaves)
+        slots = self.expert_source.slots_of(self.layer_index, used)
+        slot_of_expert = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        slot_of_expert[used] = torch.tensor(slots, device=x.device)
+        plan = _DispatchPlan.build(slot_of_expert[routing.expert_index], routing.kept, slot_w_gate_up.shape[0])
+        order = sorted(range(len(used)), key=slots.__getitem__)
+        ordered = [leaves[used[i]] for i in order]
+        used_slots = torch.tensor([slots[i] for i in order], device=x.device)
+        return _SlotExpertFFN.apply(x, routing.combine_weight, plan, (slot_w_gate_up, slot_w_down), used_slots,
+                                    *(w for w, _ in ordered), *(w for _, w in ordered))
+
+    def _experts_tiered_loop(self, x: torch.Tensor, routing: Routing, used: list[int],
+                             weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One matmul chain per expert that received tokens (autograd through the per-expert leaves)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in used:
             w_gate_up, w_down = weights[e]
@@ -183,7 +201,7 @@ class MoEFeedForward(nn.Module):
         return out
 
     def _experts_fast(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        plan = _DispatchPlan.build(routing, self.num_experts)
+        plan = _DispatchPlan.build(routing.expert_index, routing.kept, self.num_experts)
         w_gate_up, w_down = self.w_gate_up, self.w_down
         if x.dtype != w_gate_up.dtype:  # autocast does not cover the grouped matmul
             w_gate_up, w_down = w_gate_up.to(x.dtype), w_down.to(x.dtype)
@@ -207,17 +225,18 @@ class _DispatchPlan:
     group_ends: torch.Tensor  # (E,) int32, cumulative kept rows per expert
 
     @staticmethod
-    def build(routing: Routing, num_experts: int) -> _DispatchPlan:
-        k = routing.expert_index.shape[1]
-        flat_kept = routing.kept.reshape(-1)
-        key = routing.expert_index.reshape(-1).masked_fill(~flat_kept, num_experts)  # dropped sort last
+    def build(expert_index: torch.Tensor, kept: torch.Tensor, num_experts: int) -> _DispatchPlan:
+        """``expert_index`` (N, k) in 0..num_experts-1 (experts, or the hot slots that hold them)."""
+        k = expert_index.shape[1]
+        flat_kept = kept.reshape(-1)
+        key = expert_index.reshape(-1).masked_fill(~flat_kept, num_experts)  # dropped sort last
         order = torch.argsort(key, stable=True)
         group_ends = torch.bincount(key, minlength=num_experts + 1)[:num_experts].cumsum(0).to(torch.int32)
         num_rows = int(group_ends[-1])
         slots = order[:num_rows]
         row_of_slot = torch.zeros_like(order).index_copy_(0, slots, torch.arange(num_rows, device=order.device))
         token = slots.div(k, rounding_mode="floor")
-        return _DispatchPlan(token, slots, row_of_slot, routing.kept, group_ends)
+        return _DispatchPlan(token, slots, row_of_slot, kept, group_ends)
 
     def to_slots(self, rows: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """(M, C) rows in expert order -> (N, k, C), the row of each slot (row 0 for a dropped one)."""
@@ -250,32 +269,81 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,  # type: ignore[override]
                 combine_weight: torch.Tensor, plan: _DispatchPlan) -> torch.Tensor:
-        ffn = w_down.shape[1]
-        h = grouped_matmul(x.index_select(0, plan.token), w_gate_up, plan.group_ends)  # (M, 2F)
-        act = F.silu(h[:, :ffn]).mul_(h[:, ffn:])  # (M, F)
-        y_slots = plan.to_slots(grouped_matmul(act, w_down, plan.group_ends)).float()  # (N, k, C)
+        out, h, act, y_slots = _ffn_forward(x, w_gate_up, w_down, combine_weight, plan)
         ctx.plan = plan
         ctx.save_for_backward(x, w_gate_up, w_down, combine_weight, h, act, y_slots)
-        return _weighted_slot_sum(y_slots, combine_weight.float())
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         plan: _DispatchPlan = ctx.plan
         x, w_gate_up, w_down, combine_weight, h, act, y_slots = ctx.saved_tensors
-        grad_out = grad_out.float()
-        grad_w = torch.bmm(y_slots, grad_out.unsqueeze(2)).view_as(combine_weight).to(combine_weight.dtype)
-        buffer = y_slots.view(-1, y_slots.shape[-1])  # free from here on
-        grad_y = _gather_rows(grad_out.to(h.dtype), plan.token, buffer)  # (M, C)
-        grad_y.mul_(combine_weight.reshape(-1).index_select(0, plan.slots).to(h.dtype)[:, None])
-        grad_w_down = grouped_matmul_weight_grad(act, grad_y, plan.group_ends, w_down.shape)
-        grad_act = grouped_matmul(grad_y, w_down.transpose(1, 2), plan.group_ends)  # (M, F)
-        grad_h = _swiglu_backward_(h, grad_act, act)
-        xs = _gather_rows(x, plan.token, buffer)
-        grad_w_gate_up = grouped_matmul_weight_grad(xs, grad_h, plan.group_ends, w_gate_up.shape)
-        grad_xs = grouped_matmul(grad_h, w_gate_up.transpose(1, 2), plan.group_ends)  # (M, C)
-        grad_x = _weighted_slot_sum(plan.to_slots(grad_xs, buffer), plan.kept.to(grad_xs.dtype))
-        return grad_x.to(x.dtype), grad_w_gate_up, grad_w_down, grad_w, None  # type: ignore[return-value]
+        grad_x, grad_w_gate_up, grad_w_down, grad_w = _ffn_backward(
+            grad_out, x, w_gate_up, w_down, combine_weight, h, act, y_slots, plan, plan.group_ends)
+        return grad_x, grad_w_gate_up, grad_w_down, grad_w, None  # type: ignore[return-value]
+
+
+class _SlotExpertFFN(torch.autograd.Function):
+    """``_ExpertFFN`` on experts that live in the slots of a tiered store's slab, without copying weights.
+
+    The grouped matmuls read every slot's weights through two strided views of the slab (groups = slots; a
+    slot that got no rows is skipped for free). Weight gradients are computed for the used slots only and go
+    to the per-expert leaf tensors (``leaves``: every used slot's w_gate_up, then every w_down, in slot order),
+    which is where the store's optimizer reads them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, combine_weight: torch.Tensor, plan: _DispatchPlan,  # type: ignore[override]
+                slot_weights: tuple[torch.Tensor, torch.Tensor], used_slots: torch.Tensor,
+                *leaves: torch.Tensor) -> torch.Tensor:
+        w_gate_up, w_down = slot_weights
+        out, h, act, y_slots = _ffn_forward(x, w_gate_up, w_down, combine_weight, plan)
+        ctx.plan, ctx.slot_weights, ctx.used_slots = plan, slot_weights, used_slots
+        ctx.save_for_backward(x, combine_weight, h, act, y_slots)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        plan: _DispatchPlan = ctx.plan
+        x, combine_weight, h, act, y_slots = ctx.saved_tensors
+        w_gate_up, w_down = ctx.slot_weights
+        used_ends = plan.group_ends.index_select(0, ctx.used_slots)  # empty groups own no rows: skip them
+        grad_x, grad_w_gate_up, grad_w_down, grad_w = _ffn_backward(
+            grad_out, x, w_gate_up, w_down, combine_weight, h, act, y_slots, plan, used_ends)
+        return grad_x, grad_w, None, None, None, *grad_w_gate_up.unbind(0), *grad_w_down.unbind(0)
+
+
+def _ffn_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, combine_weight: torch.Tensor,
+                 plan: _DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, h, act, y_slots): the output and what the backward needs (see ``_ExpertFFN``)."""
+    ffn = w_down.shape[1]
+    h = grouped_matmul(x.index_select(0, plan.token), w_gate_up, plan.group_ends)  # (M, 2F)
+    act = F.silu(h[:, :ffn]).mul_(h[:, ffn:])  # (M, F)
+    y_slots = plan.to_slots(grouped_matmul(act, w_down, plan.group_ends)).float()  # (N, k, C)
+    return _weighted_slot_sum(y_slots, combine_weight.float()), h, act, y_slots
+
+
+def _ffn_backward(grad_out: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  combine_weight: torch.Tensor, h: torch.Tensor, act: torch.Tensor, y_slots: torch.Tensor,
+                  plan: _DispatchPlan, weight_ends: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(d x, d w_gate_up, d w_down, d combine_weight). Weight gradients are per group of ``weight_ends`` (the
+    plan's groups, or only the non-empty ones); this overwrites h and y_slots (see ``_ExpertFFN``)."""
+    grad_out = grad_out.float()
+    grad_w = torch.bmm(y_slots, grad_out.unsqueeze(2)).view_as(combine_weight).to(combine_weight.dtype)
+    buffer = y_slots.view(-1, y_slots.shape[-1])  # free from here on
+    grad_y = _gather_rows(grad_out.to(h.dtype), plan.token, buffer)  # (M, C)
+    grad_y.mul_(combine_weight.reshape(-1).index_select(0, plan.slots).to(h.dtype)[:, None])
+    groups = weight_ends.shape[0]
+    grad_w_down = grouped_matmul_weight_grad(act, grad_y, weight_ends, (groups, *w_down.shape[1:]))
+    grad_act = grouped_matmul(grad_y, w_down.transpose(1, 2), plan.group_ends)  # (M, F)
+    grad_h = _swiglu_backward_(h, grad_act, act)
+    xs = _gather_rows(x, plan.token, buffer)
+    grad_w_gate_up = grouped_matmul_weight_grad(xs, grad_h, weight_ends, (groups, *w_gate_up.shape[1:]))
+    grad_xs = grouped_matmul(grad_h, w_gate_up.transpose(1, 2), plan.group_ends)  # (M, C)
+    grad_x = _weighted_slot_sum(plan.to_slots(grad_xs, buffer), plan.kept.to(grad_xs.dtype))
+    return grad_x.to(x.dtype), grad_w_gate_up, grad_w_down, grad_w
 
 
 def _weighted_slot_sum(slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -336,7 +404,7 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, group_ends: torch.Ten
 
 
 def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, group_ends: torch.Tensor,
-                               shape: torch.Size) -> torch.Tensor:
+                               shape: tuple[int, ...]) -> torch.Tensor:
     """Per group e: x[rows_e].T @ grad[rows_e]: x (M, K), grad (M, N) -> (E, K, N); zeros for an empty group."""
     out = _try_grouped_mm(x.t(), grad, group_ends, rows=x.shape[0])
     if out is not None:

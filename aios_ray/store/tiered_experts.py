@@ -44,6 +44,17 @@ def _alias(view: torch.Tensor) -> torch.Tensor:
     return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
+def _slot_weight_views(slab: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, C, 2F) and (S, F, C) views of a (S, numel) slab: slot s's weights at row s, a record's stride apart.
+    Records are padded to 64 bytes, so every slot's weights stay 16-byte aligned, as grouped matmul needs."""
+    slots, numel = slab.shape
+    C, F = layout.hidden_size, layout.ffn_size
+    base = slab.storage_offset()
+    w_gate_up = slab.as_strided((slots, C, 2 * F), (numel, 2 * F, 1), base + layout.offsets["w_gate_up"][0])
+    w_down = slab.as_strided((slots, F, C), (numel, C, 1), base + layout.offsets["w_down"][0])
+    return w_gate_up, w_down
+
+
 def _received_gradient(leaves: tuple[torch.Tensor, torch.Tensor]) -> bool:
     grads = [leaf.grad for leaf in leaves]
     return all(g is not None for g in grads) and any(bool(g.ne(0).any()) for g in grads)
@@ -57,6 +68,7 @@ class TieredExperts:
         self.leaves: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lease_calls = 0
         self.used: set[ExpertKey] = set()
+        self._slot_views = _slot_weight_views(slab.tensor, layout)
 
     # ---- step lifecycle ------------------------------------------------------------------------
     def begin_step(self, predicted: Sequence[ExpertKey] = ()) -> None:
@@ -87,6 +99,14 @@ class TieredExperts:
             self._lease(missing)
         self.used.update(keys)
         return {k.expert: self._leaf(k) for k in keys}
+
+    def slots_of(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """The slots of experts leased by ``weights``."""
+        return [self.slots[ExpertKey(layer, e)] for e in experts]
+
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's w_gate_up (S, C, 2F) and w_down (S, F, C): strided views of the slab, no copy."""
+        return self._slot_views
 
     def _leaf(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in self.leaves:
