@@ -138,7 +138,9 @@ def decode_bytes_load(path: Path) -> np.ndarray:
     data = path.read_bytes()
     hashlib.sha256(data).hexdigest()
     parts = load(data)
-    return np.concatenate([parts[name].ravel() for name in PARTS])
+    flat = np.zeros(LAYOUT.numel, dtype=np.float32)  # records are padded to 64 bytes after the last part
+    np.concatenate([parts[name].ravel() for name in PARTS], out=flat[:LAYOUT.offsets[PARTS[-1]][1]])
+    return flat
 
 
 def decode_bytes_slice(path: Path) -> np.ndarray:
@@ -146,7 +148,7 @@ def decode_bytes_slice(path: Path) -> np.ndarray:
     hashlib.sha256(data).hexdigest()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
-    flat = np.empty(LAYOUT.numel, dtype=np.float32)
+    flat = np.zeros(LAYOUT.numel, dtype=np.float32)  # the padding after the last part stays 0
     for name, (a, b) in LAYOUT.offsets.items():
         begin, end = header[name]["data_offsets"]
         flat[a:b] = np.frombuffer(data, np.float32, (end - begin) // 4, 8 + n + begin)
