@@ -294,7 +294,7 @@ class NvmeStore:
             superseded = [staged[key] for key, _, _ in batch if key in staged]
             staged.update(zip((key for key, _, _ in batch), written, strict=True))
             self._staged = staged
-            self._delete(superseded)  # staged files never reached a manifest
+            self._delete(e.file for e in superseded)  # staged files never reached a manifest
             if commit:
                 self._commit_locked()
 
@@ -310,22 +310,22 @@ class NvmeStore:
         superseded = [self._entries[key] for key in self._staged if key in self._entries]
         self._write_manifest(entries)
         self._entries, count, self._staged = entries, len(self._staged), {}
-        self._delete(superseded)  # only once the manifest no longer names them
+        self._delete(e.file for e in superseded)  # only once the manifest no longer names them
         return count
 
     def discard_staged(self) -> int:
         """Forget records written since the last commit: the store is exactly its last flush again."""
         with self._lock:
             staged, self._staged = list(self._staged.values()), {}
-            self._delete(staged)
+            self._delete(e.file for e in staged)
             return len(staged)
 
-    def _delete(self, entries: Iterable[Entry]) -> None:
-        """Delete the files of entries the manifest no longer names, except those a snapshot still names."""
+    def _delete(self, files: Iterable[str]) -> None:
+        """Delete files the manifest no longer names, except those a snapshot still names."""
         kept = self._snapshot_files()
-        for entry in entries:
-            if entry.file not in kept:
-                (self.root / entry.file).unlink(missing_ok=True)
+        for file in files:
+            if file not in kept:
+                (self.root / file).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------------- snapshots
 
@@ -350,26 +350,26 @@ class NvmeStore:
             raise StoreCorruptError(f"{path}: no snapshot {tag!r} in the store (have: {sorted(self._snapshots)})")
         entries = self._read_manifest(path)
         with self._lock:
-            dropped = list(self._staged.values()) + list(self._entries.values())
+            dropped = [e.file for e in (*self._staged.values(), *self._entries.values())]
             self._staged = {}
             self._write_manifest(entries)
             self._entries = entries
             for newer in [t for t in self._snapshots if t > tag]:
-                dropped.extend(Entry(file, "", 0, 0) for file in self._snapshots.pop(newer))
+                dropped.extend(self._snapshots.pop(newer))
                 self._snapshot_path(newer).unlink(missing_ok=True)
             named = {e.file for e in entries.values()}
-            self._delete(e for e in dropped if e.file not in named)
+            self._delete(file for file in dropped if file not in named)
 
     def keep_snapshots(self, tags: Iterable[str]) -> list[str]:
         """Delete every snapshot not in ``tags`` (and the files nothing names any more); returns the deleted."""
         keep = set(tags)
         with self._lock:
             gone = [t for t in self._snapshots if t not in keep]
-            dropped = [Entry(file, "", 0, 0) for t in gone for file in self._snapshots.pop(t)]
+            dropped = [file for t in gone for file in self._snapshots.pop(t)]
             for tag in gone:
                 self._snapshot_path(tag).unlink(missing_ok=True)
             named = {e.file for e in self._entries.values()}
-            self._delete(e for e in dropped if e.file not in named)
+            self._delete(file for file in dropped if file not in named)
             return gone
 
     def snapshot_tags(self) -> list[str]:
