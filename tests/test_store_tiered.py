@@ -172,6 +172,9 @@ def test_store_stats_command_prints_each_tier(tmp_path: Path, capsys):
     hot, dram = lines[1].split(), lines[2].split()
     assert hot[0] == "hot" and hot[1].endswith("/8") and 0 < float(hot[5]) <= 1
     assert dram[0] == "dram" and "experts used in the last step of 8" in lines[3]
+    # debug preset: 6 steps, a checkpoint every 3 and at the end, 2 kept (+1 snapshot for Ray Train's lag)
+    assert lines[4] == ("snapshots (the checkpoints a resume can return the store to): "
+                        "step_00000000, step_00000003, step_00000006")
     assert main(["store", "stats", "--store-path", str(tmp_path / "nope")]) == 2
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aios_ray.errors import DataError
+from aios_ray.store.nvme import SNAPSHOTS
 
 COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "prefetch_hits", "evictions", "MB_in",
            "MB_out", "stall_s")
@@ -18,9 +19,11 @@ def finished_store_stats(store_path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"--store-path {store_path}: no stats.json (is it the expert_store of a tiered run?)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        stats = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: corrupt JSON ({exc})") from None
+    stats["snapshots"] = sorted(p.stem for p in (store_path / SNAPSHOTS).glob("*.json"))
+    return stats
 
 
 def live_store_stats(name: str, namespace: str, address: str | None) -> dict[str, Any]:
@@ -51,4 +54,7 @@ def format_table(stats: dict[str, Any]) -> str:
     header = f"step {stats['step']}: " if "step" in stats else ""
     extra = (f"{header}{stats.get('experts_used_last_step', '?')} experts used in the last step of "
              f"{stats.get('total_experts', '?')}" if "total_experts" in stats else "")
-    return "\n".join([*lines, extra] if extra else lines)
+    if "snapshots" in stats:
+        extra += (f"\nsnapshots (the checkpoints a resume can return the store to): "
+                  f"{', '.join(stats['snapshots']) or 'none'}")
+    return "\n".join([*lines, extra.lstrip()] if extra else lines)
