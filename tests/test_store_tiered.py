@@ -379,3 +379,26 @@ def test_tiered_experts_take_the_grouped_path_over_the_slab_without_copying_weig
     slab_storage = slab.tensor.untyped_storage().data_ptr()
     assert weight_storages.count(slab_storage) == len(weight_storages) // 2  # tiered calls: every one on the slab
     source.end_step()
+
+
+def test_plot_draws_the_store_hit_rate_per_interval(tmp_path: Path):
+    """A tiered run's plot gets the store panels; the hit rates plotted are the per-interval ones, computed
+    from the cumulative counters of the store_stats events."""
+    import json
+
+    from aios_ray.tracking.plots import plot_run, store_series
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4,
+                                        store_stats_interval=2))
+    events = [json.loads(line) for line in Path(plan.log_file).read_text().splitlines()]
+    stats = [e for e in events if e["event"] == "store_stats"]
+    hot = [next(t for t in e["tiers"] if t["tier"] == "hot") for e in stats]
+    series = store_series(events)
+    assert series["hot"]["step"] == [e["step"] for e in stats] == [2, 4, 6]
+    second = (hot[1]["hits"] - hot[0]["hits"]) / (hot[1]["hits"] + hot[1]["misses"] - hot[0]["hits"] - hot[0]["misses"])
+    assert series["hot"]["hit_rate"][1] == pytest.approx(second)
+    assert series["hot"]["hit_rate"][0] == pytest.approx(hot[0]["hits"] / (hot[0]["hits"] + hot[0]["misses"]))
+    out = plot_run(Path(plan.log_file), tmp_path / "run.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

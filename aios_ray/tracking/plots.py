@@ -1,4 +1,5 @@
-"""PNG views of a metrics JSONL: loss curves, ACT halting, and expert usage per MoE layer."""
+"""PNG views of a metrics JSONL: loss curves, ACT halting, expert usage per MoE layer, and (``--experts
+tiered``) the expert store's hit rate, stall time and traffic per tier."""
 
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ def plot_run(log_file: Path, out: Path) -> Path:
     train = [e for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
     usage = _last_usage_per_layer(events)
-    rows = 2 if usage else 1
+    store = store_series(events)
+    rows = 1 + bool(usage) + bool(store)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4.5 * rows), squeeze=False)
     _plot_losses(axes[0][0], train, evals)
     _plot_halting(axes[0][1], train)
     if usage:
         _plot_usage(fig, axes[1][0], usage)
         _plot_drops(axes[1][1], events)
+    if store:
+        _plot_store(axes[rows - 1][0], axes[rows - 1][1], store)
     fig.suptitle(str(log_file))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,3 +93,44 @@ def _plot_drops(ax, events: list[dict]) -> None:
     ax.set(xlabel="step", ylabel="dropped / routed assignments", title="capacity drops")
     ax.legend()
     ax.grid(alpha=0.3)
+
+
+def store_series(events: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per tier, between consecutive ``store_stats`` events: the step, the hit rate of the lookups in that
+    interval, stall seconds and MB moved in. (The counters in the events are cumulative since the store
+    actors started; an interval where they went down, a restarted actor, starts from zero.)"""
+    stats = [e for e in events if e.get("event") == "store_stats" and e.get("tiers")]
+    series: dict[str, dict[str, list[float]]] = {}
+    previous: dict[str, dict] = {}
+    for event in stats:
+        for tier in event["tiers"]:
+            name = tier["tier"]
+            before = previous.get(name, {})
+            if tier["hits"] < before.get("hits", 0):  # a new incarnation counts from zero
+                before = {}
+            delta = {key: tier[key] - before.get(key, 0) for key in ("hits", "misses", "stall_seconds", "bytes_in")}
+            lookups = delta["hits"] + delta["misses"]
+            row = series.setdefault(name, {"step": [], "hit_rate": [], "stall_s": [], "mb_in": []})
+            row["step"].append(event["step"])
+            row["hit_rate"].append(delta["hits"] / lookups if lookups else float("nan"))
+            row["stall_s"].append(delta["stall_seconds"])
+            row["mb_in"].append(delta["bytes_in"] / 2**20)
+            previous[name] = tier
+    return series
+
+
+def _plot_store(ax_hits, ax_stall, series: dict[str, dict[str, list[float]]]) -> None:
+    ax_mb = ax_stall.twinx()
+    for name, row in series.items():
+        ax_hits.plot(row["step"], row["hit_rate"], "o-", label=f"{name} tier")
+        ax_stall.plot(row["step"], row["stall_s"], "o-", label=f"{name}: stall")
+        ax_mb.plot(row["step"], row["mb_in"], "x--", alpha=0.6, label=f"{name}: loaded")
+    ax_hits.set(xlabel="step", ylabel="hits / lookups", ylim=(0, 1.05), title="expert store hit rate per interval")
+    ax_stall.set(xlabel="step", ylabel="stall seconds (o)", title="expert store: stall and loads per interval")
+    ax_mb.set(ylabel="MB loaded (x)")
+    ax_hits.legend()
+    lines = ax_stall.get_legend_handles_labels()
+    more = ax_mb.get_legend_handles_labels()
+    ax_stall.legend(lines[0] + more[0], lines[1] + more[1])
+    for ax in (ax_hits, ax_stall):
+        ax.grid(alpha=0.3)
