@@ -117,7 +117,8 @@ def create_nvme_store(root: Path | str, layout: ExpertLayout, *, name: str, name
         actor = ray.get_actor(name, namespace=namespace)
     except ValueError:
         options: dict[str, Any] = {"name": name, "namespace": namespace, "max_restarts": -1,
-                                   "max_task_retries": -1, "get_if_exists": True}
+                                   "max_task_retries": -1, "get_if_exists": True,
+                                   "num_cpus": 0}  # I/O bound; training workers need the CPUs
         if detached:
             options["lifetime"] = "detached"
         if node_resource:

@@ -287,7 +287,10 @@ class ActorHotClient:
 
 def create_store(config: StoreConfig) -> StoreHandles:
     """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name."""
-    options = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1}
+    # num_cpus=0: the tiers wait on memory copies, disks and other actors, and must not take the CPUs that
+    # training workers reserve (an actor given any resource, num_gpus=0 included, would hold one CPU for life).
+    options = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1,
+               "num_cpus": 0}
     nvme = create_nvme_store(config.store_path, config.layout, name=f"{config.name}-nvme",
                              namespace=config.namespace)
     dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)

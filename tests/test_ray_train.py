@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from aios_ray.tracking.jsonl import read_metrics
 from aios_ray.train.run import run_training
@@ -37,3 +38,24 @@ def test_two_workers_train_data_parallel(ray_local, tmp_path: Path):
     assert summary["step"] == 4
     train = [e for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"]
     assert len(train) == 4  # only rank 0 logs
+
+
+def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_experts(ray_local, tmp_path: Path):
+    """DDP with experts in the tiered store: both workers compute on the one hot slab of the node, their expert
+    gradients are averaged (as DDP averages the rest) and rank 0 updates the slots; the losses and the final
+    weights are those of the same run with local experts."""
+    from aios_ray.train.bundle import load_tensors
+
+    train = {"steps": 4, "checkpoint_interval": 2, "eval_interval": 100, "expert_usage_interval": 100,
+             "store_stats_interval": 100}
+    runs = {}
+    for experts in ("local", "tiered"):
+        plan, summary = run_training(_on_ray(tmp_path / experts, 2, experts=experts, **train))
+        assert summary["step"] == 4
+        losses = {e["step"]: e["train_loss"] for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"}
+        runs[experts] = (losses, load_tensors(Path(plan.bundle_root) / "model.safetensors"))
+    (local_losses, local_weights), (tiered_losses, tiered_weights) = runs["local"], runs["tiered"]
+    assert tiered_losses == pytest.approx(local_losses, rel=1e-5)
+    assert set(tiered_weights) == set(local_weights)
+    for name, tensor in local_weights.items():
+        torch.testing.assert_close(tiered_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

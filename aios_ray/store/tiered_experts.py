@@ -139,7 +139,10 @@ class TieredExperts:
                 adamw_update_(views[name], grad, views[f"exp_avg.{name}"], views[f"exp_avg_sq.{name}"],
                               local_step, lr, weight_decay, betas, eps)
             step.add_(1)
+        self.drop_gradients()
+        return len(touched)
+
+    def drop_gradients(self) -> None:
         for pair in self.leaves.values():
             for leaf in pair:
                 leaf.grad = None
-        return len(touched)

@@ -39,7 +39,7 @@ from aios_ray.train.bundle import (
     read_json,
 )
 from aios_ray.train.optim import build_optimizer, lr_at, optimizer_from_tensors, optimizer_to_tensors
-from aios_ray.train.tiered import StoreSpec, TieredRun
+from aios_ray.train.tiered import StoreSpec, TieredRun, Workers
 
 
 class WorkerContext(Protocol):
@@ -170,7 +170,8 @@ class Trainer:
     def _open_tiered(self, checkpoint: Path | None) -> TieredRun:
         spec = StoreSpec.for_run(self.cfg, self.plan.bundle_root)
         return TieredRun(self.model, self.ctx.open_expert_store(spec), self.cfg, spec.path,
-                         resumed=checkpoint is not None, snapshot=_store_snapshot(checkpoint))
+                         resumed=checkpoint is not None, snapshot=_store_snapshot(checkpoint),
+                         workers=Workers(self.ctx.rank, self.ctx.world_size))
 
     def load_training_state(self, path: Path) -> None:
         """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
@@ -255,6 +256,8 @@ class Trainer:
             self.tiered.begin_step()
         try:
             sums = self._forward_backward(batches, total_sequences)
+            if self.tiered is not None:
+                self.tiered.synchronize_gradients()  # experts are not DDP parameters: averaged here
             params = list(self.model.parameters()) + (self.tiered.parameters() if self.tiered else [])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
             self.optimizer.step()
@@ -343,7 +346,8 @@ class Trainer:
         while True:
             try:
                 metrics = self.train_step()
-                restarted = self.tiered is not None and self.tiered.failed()
+                # every worker must take the same branch: one that recovers alone would wait forever
+                restarted = self.tiered is not None and self.ctx.any_rank(self.tiered.failed())
             except TierRestarted:
                 restarted = True
             if restarted:

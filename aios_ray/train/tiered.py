@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from aios_ray.config import Config
 from aios_ray.model.hrm import HRMACTv1
@@ -49,22 +50,63 @@ class StoreSpec:
                    "cuda" if cfg.cluster.use_gpu else "cpu")
 
 
+class Workers:
+    """The run's training workers as ``torch.distributed`` sees them (just this process without it).
+
+    With several workers on one node they all map the same hot slab: each computes on the shared slots, the
+    expert gradients are averaged across workers (as DDP averages the other parameters), and only the leader
+    (rank 0) writes the slots and tells the store; the others wait at a barrier so that nobody reads a slot
+    while it is being updated.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.many:
+            dist.barrier()
+
+    def union(self, keys: set[ExpertKey]) -> list[ExpertKey]:
+        """Every key any worker used, in one order that all workers share."""
+        if not self.many:
+            return sorted(keys)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted((k.layer, k.expert) for k in keys))
+        return sorted({ExpertKey(*pair) for part in gathered for pair in part})
+
+    def average_(self, flat: torch.Tensor) -> None:
+        if self.many:
+            dist.all_reduce(flat)
+            flat.div_(self.world_size)
+
+
 class TieredRun:
     def __init__(self, model: HRMACTv1, store: StoreControl, cfg: Config, store_path: Path, resumed: bool,
-                 snapshot: str | None = None) -> None:
+                 snapshot: str | None = None, workers: Workers | None = None) -> None:
         """``resumed``: the run continues from a checkpoint, whose flush the store snapshot ``snapshot`` holds
         (None for a checkpoint without one: the store's last flush)."""
         self.model, self.store, self.cfg, self.store_path = model, store, cfg, store_path
+        self.workers = workers or Workers()
         self.keys = expert_keys(model)
         self.reopened: dict[str, int] | None = None  # what a resume found cached at the last flush
         self.history = AccessHistory(HISTORY_STEPS)
         self.step = 0
-        if not store.keys():
-            store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
-        elif resumed:
-            # The caches may hold updates newer than the checkpoint we resume from (NVMe's last flush);
-            # what they hold at its flushed version stays hot for this (possibly restarted) worker.
-            self.reopened = store.revert(snapshot)
+        if self.workers.leader:
+            if not store.keys():
+                store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
+            elif resumed:
+                # The caches may hold updates newer than the checkpoint we resume from (NVMe's last flush);
+                # what they hold at its flushed version stays hot for this (possibly restarted) worker.
+                self.reopened = store.revert(snapshot)
+        self.workers.barrier()
         self.experts = store.experts_client()
         model.use_expert_source(self.experts)
         self.incarnations = store.incarnations()
@@ -83,8 +125,34 @@ class TieredRun:
     def parameters(self) -> list[torch.Tensor]:
         return self.experts.parameters()
 
+    def synchronize_gradients(self) -> None:
+        """Average the expert gradients over the workers (before clipping, like DDP's): every worker leases
+        the experts any worker used and holds the same gradients for them afterwards."""
+        if not self.workers.many:
+            return
+        keys = self.workers.union(self.experts.used)
+        for layer in sorted({k.layer for k in keys}):
+            self.experts.weights(layer, [k.expert for k in keys if k.layer == layer])
+        leaves = [leaf for key in keys for leaf in self.experts.leaves[key]]
+        for leaf in leaves:
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+        flat = torch.cat([leaf.grad.reshape(-1) for leaf in leaves])
+        self.workers.average_(flat)
+        offset = 0
+        for leaf in leaves:
+            leaf.grad.copy_(flat[offset:offset + leaf.numel()].view_as(leaf))
+            offset += leaf.numel()
+
     def apply_optimizer(self, lr: float) -> int:
-        return self.experts.apply_optimizer(lr, self.cfg.train.weight_decay, BETAS, EPS)
+        """AdamW in the slots by the leader; the others wait until the slots hold the new weights."""
+        updated = 0
+        if self.workers.leader:
+            updated = self.experts.apply_optimizer(lr, self.cfg.train.weight_decay, BETAS, EPS)
+        else:
+            self.experts.drop_gradients()
+        self.workers.barrier()
+        return updated
 
     def end_step(self, step: int) -> None:
         used: dict[int, list[int]] = {}
@@ -93,7 +161,7 @@ class TieredRun:
         for layer, experts in used.items():
             self.history.record(step, layer, experts)
         self.experts.end_step()
-        if self.cfg.train.prefetch:
+        if self.cfg.train.prefetch and self.workers.leader:
             for layer in used:
                 self.store.prefetch(layer, self.history.predict(layer))
         self.step = step
@@ -119,7 +187,8 @@ class TieredRun:
     def recover(self, snapshot: str | None) -> dict[str, int]:
         """Back to the checkpoint's snapshot (cached records at other versions are dropped) and map the hot
         slab again."""
-        counts = self.store.revert(snapshot)
+        counts = self.store.revert(snapshot) if self.workers.leader else {}
+        self.workers.barrier()
         self.experts = self.store.experts_client()
         self.model.use_expert_source(self.experts)
         self.history = AccessHistory(HISTORY_STEPS)
