@@ -267,7 +267,11 @@ class StoreHandles:
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""
-        slab = open_shared_slab(ray.get(self.gpu[index].slab_info.remote()))
+        try:
+            slab = open_shared_slab(ray.get(self.gpu[index].slab_info.remote()))
+        except FileNotFoundError as exc:
+            raise UserError(f"{exc}: the GPU cache actor's slab is not on this node; --experts tiered needs the "
+                            "training workers on the node of the store's actors") from None
         return TieredExperts(ActorHotClient(self.gpu[index]), slab, self.config.layout)
 
 
