@@ -198,3 +198,34 @@ def test_training_survives_a_kill_and_replays_from_the_last_flush(ray_local, tmp
     final = {e["step"]: e["train_loss"] for e in events if e["event"] == "train"}  # replayed steps overwrite
     assert summary["step"] == 40
     assert final == pytest.approx(uninterrupted_losses, rel=1e-5)
+
+
+def test_two_workers_survive_a_dram_cache_kill_together(ray_local, tmp_path: Path):
+    """With two DDP workers on the store, a tier actor's restart is seen by both (they agree each step), rank 0
+    alone rolls the store back, and the run ends with the losses of the same run uninterrupted."""
+    import dataclasses
+    import threading
+
+    from aios_ray.tracking.jsonl import read_metrics
+    from aios_ray.train.run import run_training
+    from tests.conftest import debug_config
+
+    def two_workers(name: str):
+        cfg = debug_config(tmp_path / name, **{**TRAIN, "steps": 20})
+        return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, use_ray=True, num_workers=2))
+
+    reference, _ = run_training(two_workers("reference"))
+    killed_at: list[int] = []
+    log_file = tmp_path / "killed" / "brains" / "t" / "metrics.jsonl"
+    watcher = threading.Thread(target=_kill_when_step_reached, args=(log_file, 8, "t-dram", "aios-ray", killed_at))
+    watcher.start()
+    plan, summary = run_training(two_workers("killed"))
+    watcher.join()
+    assert killed_at, "the run ended before the kill"
+    events = read_metrics(Path(plan.log_file))
+    recoveries = [e for e in events if e["event"] == "store_recovery"]
+    assert len(recoveries) == 1 and recoveries[0]["steps_replayed"] >= 1
+    final = {e["step"]: e["train_loss"] for e in events if e["event"] == "train"}
+    expected = {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
+    assert summary["step"] == 20
+    assert final == pytest.approx(expected, rel=1e-5)
