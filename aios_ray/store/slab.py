@@ -106,7 +106,7 @@ def open_shared_slab(info: dict[str, Any]) -> HotSlab:
     if gpu_uuid(device) != info["gpu"]:
         raise UserError(f"the hot expert tier's slots are on GPU {info['gpu']}, this training process runs on "
                         f"GPU {gpu_uuid(device)}: CUDA IPC shares memory only on the same GPU")
-    return CudaSlab(import_cuda_ipc(info["ipc"]))
+    return CudaSlab(import_cuda_ipc(info["ipc"], device.index))
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -122,8 +122,16 @@ def export_cuda_ipc(tensor: torch.Tensor) -> tuple:
     return args
 
 
-def import_cuda_ipc(args: tuple) -> torch.Tensor:
-    """A tensor on the same device memory as the exporter's (``cudaIpcOpenMemHandle`` under the hood)."""
+# Where ``reduce_tensor`` puts the exporter's device index among the arguments of ``rebuild_cuda_tensor``.
+_IPC_DEVICE_ARG = 6
+
+
+def import_cuda_ipc(args: tuple, device_index: int) -> torch.Tensor:
+    """A tensor on the same device memory as the exporter's (``cudaIpcOpenMemHandle`` under the hood).
+    ``device_index`` is that GPU's index in this process, which need not be the exporter's: each Ray
+    worker numbers the GPUs it sees from 0."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    return rebuild_cuda_tensor(*args)
+    local = list(args)
+    local[_IPC_DEVICE_ARG] = device_index
+    return rebuild_cuda_tensor(*local)
