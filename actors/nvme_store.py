@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aios_ray.errors import UserError
 from aios_ray.store.nvme import Item, NvmeStore
@@ -105,12 +106,13 @@ class NvmeStoreActor:
 
 
 def create_nvme_store(root: Path | str, layout: ExpertLayout, *, name: str, namespace: str,
-                      node_resource: str | None = None, detached: bool = False) -> ray.actor.ActorHandle:
+                      node_resource: str | None = None, node_id: str | None = None,
+                      detached: bool = False) -> ray.actor.ActorHandle:
     """The store actor called ``name`` in ``namespace``: the existing one, or a new one on ``root``.
 
     ``node_resource`` names a custom resource that only the node owning ``root`` has, to pin the actor
-    next to its disk. ``detached`` keeps it alive after the creating driver exits (off by default, so
-    tests clean up after themselves).
+    next to its disk; ``node_id`` pins it to that node. ``detached`` keeps it alive after the creating
+    process exits (off by default, so tests clean up after themselves).
     """
     root = Path(os.path.abspath(root))  # one spelling per directory, without touching a remote node's disk
     try:
@@ -123,6 +125,8 @@ def create_nvme_store(root: Path | str, layout: ExpertLayout, *, name: str, name
             options["lifetime"] = "detached"
         if node_resource:
             options["resources"] = {node_resource: 0.001}
+        if node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
         actor = NvmeStoreActor.options(**options).remote(str(root), layout)
     _check_same_store(actor, root, layout, name)
     return actor

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.nvme_store import create_nvme_store
 from aios_ray.errors import UserError
@@ -261,9 +262,7 @@ class StoreHandles:
         stays on NVMe. A process that still maps a slab keeps valid memory until it unmaps."""
         for handle in (*self.gpu, self.dram, self.nvme):
             ray.kill(handle, no_restart=True)
-        for index in range(len(self.gpu)):
-            slab_path(self.config.namespace, f"{self.config.name}-gpu{index}", self.config.store_path).unlink(
-                missing_ok=True)
+        _unlink_slabs(self.config)
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""
@@ -289,14 +288,44 @@ class ActorHotClient:
         ray.get(self.handle.mark_dirty.remote(list(keys)))
 
 
-def create_store(config: StoreConfig) -> StoreHandles:
-    """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name."""
+def shutdown_store(config: StoreConfig) -> int:
+    """End the actors of the store ``config`` names, wherever they run (those that exist); returns how many.
+    The slab files are removed when the actors ran on this node."""
+    ended = 0
+    names = [f"{config.name}-gpu{i}" for i in range(config.num_gpu_caches)] + [f"{config.name}-dram",
+                                                                                 f"{config.name}-nvme"]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
+            ended += 1
+        except ValueError:  # never created, or gone already
+            continue
+    _unlink_slabs(config)
+    return ended
+
+
+def _unlink_slabs(config: StoreConfig) -> None:
+    for index in range(config.num_gpu_caches):
+        slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path).unlink(missing_ok=True)
+
+
+def create_store(config: StoreConfig, node_id: str | None = None, detached: bool = False) -> StoreHandles:
+    """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name.
+
+    ``node_id``: place new actors on that node (the training worker's: the hot slab must be mapped where the
+    compute runs). ``detached``: they outlive the process that created them (a training worker that dies
+    and is restarted finds them again); whoever runs the whole job then ends them (``shutdown_store``).
+    """
     # num_cpus=0: the tiers wait on memory copies, disks and other actors, and must not take the CPUs that
     # training workers reserve (an actor given any resource, num_gpus=0 included, would hold one CPU for life).
-    options = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1,
-               "num_cpus": 0}
+    options: dict[str, Any] = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1,
+                               "max_task_retries": -1, "num_cpus": 0}
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    if detached:
+        options["lifetime"] = "detached"
     nvme = create_nvme_store(config.store_path, config.layout, name=f"{config.name}-nvme",
-                             namespace=config.namespace)
+                             namespace=config.namespace, node_id=node_id, detached=detached)
     dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)
     num_gpus = config.gpu_share if config.device == "cuda" else 0
     gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=num_gpus, **options).remote(config, i, dram)

@@ -54,6 +54,9 @@ def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_exper
         assert summary["step"] == 4
         losses = {e["step"]: e["train_loss"] for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"}
         runs[experts] = (losses, load_tensors(Path(plan.bundle_root) / "model.safetensors"))
+    for suffix in ("gpu0", "dram", "nvme"):  # the workers made the store's actors detached; the run ended them
+        with pytest.raises(ValueError):
+            ray_local.get_actor(f"t-{suffix}", namespace="aios-ray")
     (local_losses, local_weights), (tiered_losses, tiered_weights) = runs["local"], runs["tiered"]
     assert tiered_losses == pytest.approx(local_losses, rel=1e-5)
     assert set(tiered_weights) == set(local_weights)

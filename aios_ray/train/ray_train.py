@@ -69,14 +69,21 @@ class RayTrainContext:
         return open_store_actors(spec)
 
 
-def open_store_actors(spec: StoreSpec) -> Any:
-    """The store's actors for ``spec``: created, or found again by name (``actors.tier_actors.create_store``)."""
-    from actors.tier_actors import StoreConfig, create_store
+def store_config(spec: StoreSpec) -> Any:
+    from actors.tier_actors import StoreConfig
 
-    config = StoreConfig(name=spec.name, store_path=str(spec.path), hidden_size=spec.layout.hidden_size,
-                         ffn_size=spec.layout.ffn_size, capacity_gpu=spec.capacity_gpu,
-                         capacity_dram=spec.capacity_dram, device=spec.device)
-    return create_store(config)
+    return StoreConfig(name=spec.name, store_path=str(spec.path), hidden_size=spec.layout.hidden_size,
+                       ffn_size=spec.layout.ffn_size, capacity_gpu=spec.capacity_gpu,
+                       capacity_dram=spec.capacity_dram, device=spec.device)
+
+
+def open_store_actors(spec: StoreSpec) -> Any:
+    """The store's actors for ``spec``, found again by name or created on this node (where the training
+    worker maps the hot slab), detached: they outlive a worker that Ray Train restarts, and ``fit_on_ray``
+    ends them when the run ends."""
+    from actors.tier_actors import create_store
+
+    return create_store(store_config(spec), node_id=ray.get_runtime_context().get_node_id(), detached=True)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -127,14 +134,13 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    # The driver owns the expert store's actors: a worker that Ray Train restarts finds them (and the hot set
-    # in their slab) again, where actors owned by the worker would die with it. They end with this call.
-    store = open_store_actors(StoreSpec.for_run(cfg, plan.bundle_root)) if cfg.train.experts == "tiered" else None
     try:
         result = trainer.fit()
     finally:
-        if store is not None:
-            store.shutdown()
+        if cfg.train.experts == "tiered":  # the workers created the store's actors detached: end them here
+            from actors.tier_actors import shutdown_store
+
+            shutdown_store(store_config(StoreSpec.for_run(cfg, plan.bundle_root)))
     summary = dict(result.metrics or {})
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary
