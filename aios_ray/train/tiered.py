@@ -1,10 +1,11 @@
 """``--experts tiered`` inside the training loop: one object that the Trainer calls at a few points.
 
-Per step: lease the predicted experts -> forward/backward on shared slots -> AdamW in place ->
-release, record which experts were used, prefetch what the usage history predicts for the next
-step. At a checkpoint: flush (every update durable on NVMe) and export full weights into the
-bundle. After a tier actor restarts (its incarnation changed), everything cached is dropped and the
-Trainer replays from the last checkpoint, which is the last flush.
+Per step: lease the predicted experts -> forward/backward on shared slots -> (several workers: average
+the expert gradients) -> AdamW in place -> release, record which experts were used, prefetch what the
+usage history predicts for the next step. At a checkpoint: flush, snapshot the NVMe store under the
+checkpoint's name, and export full weights into the bundle. After a tier actor restarts (its
+incarnation changed), or when a run resumes, the store goes back to the checkpoint's snapshot (cached
+records at any other version are dropped) and the Trainer replays from that checkpoint.
 """
 
 from __future__ import annotations
