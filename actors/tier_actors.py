@@ -260,9 +260,7 @@ class StoreHandles:
     def shutdown(self) -> None:
         """End the store's actors (no restart) and remove the hot slabs' shared-memory files; what was flushed
         stays on NVMe. A process that still maps a slab keeps valid memory until it unmaps."""
-        for handle in (*self.gpu, self.dram, self.nvme):
-            ray.kill(handle, no_restart=True)
-        _unlink_slabs(self.config)
+        shutdown_store(self.config)
 
     def experts_client(self, index: int = 0) -> TieredExperts:
         """The compute process's side: map the slab of GPU cache ``index`` and lease through it."""
@@ -300,13 +298,9 @@ def shutdown_store(config: StoreConfig) -> int:
             ended += 1
         except ValueError:  # never created, or gone already
             continue
-    _unlink_slabs(config)
-    return ended
-
-
-def _unlink_slabs(config: StoreConfig) -> None:
     for index in range(config.num_gpu_caches):
         slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path).unlink(missing_ok=True)
+    return ended
 
 
 def create_store(config: StoreConfig, node_id: str | None = None, detached: bool = False) -> StoreHandles:
