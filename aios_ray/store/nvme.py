@@ -48,9 +48,9 @@ from typing import Any, BinaryIO
 import numpy as np
 from safetensors.numpy import save as save_safetensors_bytes
 
+from aios_ray.durable import atomic_write_bytes, fsync_dir
 from aios_ray.errors import UserError
 from aios_ray.store.record import PARTS, ExpertKey, ExpertLayout
-from aios_ray.train.bundle import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 EXPERTS = "experts"
@@ -94,15 +94,6 @@ def _file_generation(key: ExpertKey, file: str) -> int | None:
         return None
     number = file[len(prefix):-len(suffix)]
     return int(number) if number.isdigit() and len(number) == 9 else None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable: without it a crash can lose the new directory entry."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def numpy_parts(layout: ExpertLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -240,7 +231,6 @@ class NvmeStore:
                 "experts": {key.name: entries[key].to_json() for key in sorted(entries)}}
         path = path or self.manifest_path
         atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
-        fsync_dir(path.parent)
 
     # ----------------------------------------------------------------------------- queries
 

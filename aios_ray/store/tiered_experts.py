@@ -17,11 +17,11 @@ from typing import Protocol
 
 import torch
 
+from aios_ray.adamw import adamw_update_
 from aios_ray.errors import UserError
 from aios_ray.store.policy import TierFullError
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import HotSlab
-from aios_ray.train.optim import adamw_update_
 
 _holders = itertools.count()
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aios_ray.adamw import BETAS, EPS, adamw_update_
 from aios_ray.config import TrainConfig
 
 ROUTER_LR_SCALE = 0.1  # --auto-adjust-lr: MoE routers are the unstable part; they learn 10x slower
@@ -43,28 +44,6 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
          "per_expert": True},
     ]
     return ExpertSparseAdamW([g for g in groups if g["params"]], lr=tc.lr, betas=BETAS, eps=EPS)
-
-
-BETAS = (0.9, 0.95)
-EPS = 1e-8
-
-
-def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: torch.Tensor, lr: float, weight_decay: float, betas: tuple[float, float] = BETAS,
-                  eps: float = EPS) -> None:
-    """One decoupled-weight-decay Adam step, in place (torch.optim.AdamW's single-tensor arithmetic).
-
-    ``step`` is a 1-element tensor, incremented here. The tiered expert store runs this very function
-    on expert records in shared memory, so local and tiered experts follow the same arithmetic.
-    """
-    beta1, beta2 = betas
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step.add_(1)
-    t = float(step.item())
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
 
 
 class ExpertSparseAdamW(torch.optim.Optimizer):
