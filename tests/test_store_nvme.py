@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from aios_ray.errors import UserError
 from aios_ray.store.nvme import MANIFEST, NvmeStore, StoreCorruptError, StoreLayoutError
@@ -54,14 +55,14 @@ def test_round_trip_is_bit_for_bit_and_keeps_versions(store: NvmeStore):
         assert same_bits(flat, record(2)) and version == 2
 
 
-def test_manifest_records_sha_version_bytes_and_layout(store: NvmeStore):
+def test_manifest_records_xxh3_version_bytes_and_layout(store: NvmeStore):
     key = ExpertKey(0, 5)
     store.write(key, record(0), version=7)
     manifest = json.loads((store.root / MANIFEST).read_text())
     data = store.path(key).read_bytes()
-    assert manifest["layout"] == {"hidden_size": 64, "ffn_size": 128}
+    assert manifest["format"] == 2 and manifest["layout"] == {"hidden_size": 64, "ffn_size": 128}
     assert manifest["experts"]["L000-E00005"] == {"file": "experts/L000-E00005.000000001.safetensors", "version": 7,
-                                                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                                                  "xxh3_128": xxhash.xxh3_128_hexdigest(data), "bytes": len(data)}
 
 
 def test_file_is_a_plain_safetensors_file_with_the_named_parts(store: NvmeStore):
@@ -314,4 +315,106 @@ def test_a_corrupt_snapshot_is_reported_with_its_path(tmp_path: Path):
         s.snapshot("step_00000001")
     (root / "snapshots" / "step_00000001.json").write_bytes(b"\xff\xfe not json")
     with pytest.raises(StoreCorruptError, match=r"snapshots/step_00000001\.json: corrupt manifest"):
+        NvmeStore(root, LAYOUT)
+
+
+# ----------------------------------------------------------------------------- stores written before XXH3
+
+def write_format1_store(root: Path, manifest: dict[ExpertKey, tuple[int, int]],
+                        snapshots: dict[str, dict[ExpertKey, tuple[int, int]]]) -> None:
+    """A store as the format-1 code left it: one safetensors file per (key, seed) written, a manifest and
+    snapshots that name them with their sha256. Values are (seed of the record, version)."""
+    from aios_ray.store.nvme import encode_record
+
+    (root / "experts").mkdir(parents=True)
+    (root / "snapshots").mkdir()
+    files: dict[tuple[ExpertKey, int, int], dict] = {}
+
+    def entries(records: dict[ExpertKey, tuple[int, int]]) -> dict[str, dict]:
+        out = {}
+        for key, (seed, version) in sorted(records.items()):
+            if (key, seed, version) not in files:
+                data = encode_record(LAYOUT, key, record(seed), version)
+                file = f"experts/{key.name}.{len(files) + 1:09d}.safetensors"
+                (root / file).write_bytes(data)
+                files[key, seed, version] = {"file": file, "sha256": hashlib.sha256(data).hexdigest(),
+                                             "version": version, "bytes": len(data)}
+            out[key.name] = files[key, seed, version]
+        return out
+
+    def manifest_bytes(records: dict[ExpertKey, tuple[int, int]]) -> bytes:
+        data = {"format": 1, "layout": {"hidden_size": 64, "ffn_size": 128}, "experts": entries(records)}
+        return (json.dumps(data, indent=1) + "\n").encode()
+
+    for tag, records in snapshots.items():
+        (root / "snapshots" / f"{tag}.json").write_bytes(manifest_bytes(records))
+    (root / MANIFEST).write_bytes(manifest_bytes(manifest))
+
+
+def test_a_format1_store_reads_every_record_and_moves_to_xxh3_as_experts_are_written(tmp_path: Path):
+    root = tmp_path / "nvme"
+    keys = [ExpertKey(layer, e) for layer in range(2) for e in range(3)]
+    write_format1_store(root, {k: (i, i + 1) for i, k in enumerate(keys)}, {})
+    old_manifest = (root / MANIFEST).read_bytes()
+    with NvmeStore(root, LAYOUT) as s:
+        assert s.keys() == keys and s.verify_all() == []
+        for i, (key, flat, version) in enumerate(s.iter_read(keys)):
+            assert same_bits(flat, record(i)) and version == i + 1, key
+        assert (root / MANIFEST).read_bytes() == old_manifest  # opening and reading rewrite nothing
+        s.write(keys[0], record(50), 7)
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert manifest["format"] == 2
+    assert set(manifest["experts"][keys[0].name]) == {"file", "xxh3_128", "version", "bytes"}
+    assert manifest["experts"][keys[1].name] == json.loads(old_manifest)["experts"][keys[1].name]
+    with NvmeStore(root, LAYOUT) as s:  # a manifest mixing both checksums
+        assert same_bits(s.read(keys[0])[0], record(50)) and s.version(keys[0]) == 7
+        assert all(same_bits(s.read(k)[0], record(i)) for i, k in enumerate(keys) if i)
+        assert s.verify_all() == []
+
+
+def test_a_flipped_byte_in_a_format1_record_is_reported_with_its_path(tmp_path: Path):
+    root = tmp_path / "nvme"
+    key, other = ExpertKey(0, 1), ExpertKey(0, 2)
+    write_format1_store(root, {key: (1, 1), other: (2, 1)}, {})
+    with NvmeStore(root, LAYOUT) as s:
+        path = s.path(key)
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x01
+        path.write_bytes(data)
+        with pytest.raises(StoreCorruptError, match=rf"{path}: sha256 mismatch"):
+            s.read(key)
+        assert s.verify_all() == [str(path)] and same_bits(s.read(other)[0], record(2))
+
+
+def test_a_format1_snapshot_restores_after_the_store_moved_on(tmp_path: Path):
+    """A checkpoint taken before the upgrade: its snapshot (format 1, sha256) and the files it names survive
+    opening, later XXH3 writes and a format-2 snapshot; restoring it gives back its records."""
+    root = tmp_path / "nvme"
+    keys = [ExpertKey(0, e) for e in range(3)]
+    write_format1_store(root, {keys[0]: (10, 2), keys[1]: (1, 1), keys[2]: (2, 1)},
+                        {"step_00000001": {k: (k.expert, 1) for k in keys}})
+    with NvmeStore(root, LAYOUT) as s:
+        assert s.snapshot_tags() == ["step_00000001"]
+        s.write_many([(keys[1], record(11), 2), (keys[2], record(12), 2)])
+        s.snapshot("step_00000002")
+        s.restore("step_00000001")
+        assert s.committed_versions() == dict.fromkeys(keys, 1)
+        assert all(same_bits(s.read(k)[0], record(k.expert)) for k in keys)
+    with NvmeStore(root, LAYOUT) as s:
+        assert all(same_bits(s.read(k)[0], record(k.expert)) for k in keys) and s.verify_all() == []
+
+
+@pytest.mark.parametrize(("fmt", "checksum", "digits"), [(1, "xxh3_128", 32), (2, "xxh3_128", 64), (2, "md5", 32),
+                                                         (3, "xxh3_128", 32)])
+def test_manifest_entries_with_a_checksum_their_format_does_not_allow_are_refused(
+        tmp_path: Path, fmt: int, checksum: str, digits: int):
+    root = tmp_path / "nvme"
+    NvmeStore(root, LAYOUT).write(ExpertKey(0, 0), record(0), 1)
+    manifest = json.loads((root / MANIFEST).read_text())
+    entry = manifest["experts"]["L000-E00000"]
+    del entry["xxh3_128"]
+    entry[checksum] = "0" * digits
+    manifest["format"] = fmt
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreCorruptError, match=str(root / MANIFEST)):
         NvmeStore(root, LAYOUT)
