@@ -54,7 +54,10 @@ class ModelConfig:
     num_experts: int = _opt(8, "experts per MoE layer")
     num_experts_per_tok: int = _opt(2, "experts each token is routed to (top-k)")
     moe_capacity_factor: float = _opt(1.25, "expert capacity = ceil(factor * tokens * k / experts); "
-                                            "tokens over capacity skip the FFN and are counted as dropped")
+                                            "tokens over capacity skip the FFN and are counted as dropped "
+                                            "(training only: evaluation never drops)")
+    moe_dropless: bool = _opt(False, "train without capacity: every routed assignment is computed (grouped "
+                                     "matmul with variable group sizes); --moe-capacity-factor is then unused")
     moe_lb_coef: float = _opt(0.01, "weight of the Switch load-balance loss (summed over every MoE call)")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward to save memory")
 

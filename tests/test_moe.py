@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from aios_ray.config import ModelConfig
+from aios_ray.model.hrm import HRMACTv1
 from aios_ray.model.moe import MoEFeedForward, dense_equivalent
 
 
@@ -183,3 +186,135 @@ def test_restrict_to_refuses_impossible_groups(group):
     layer = MoEFeedForward(8, 16, num_experts=6, top_k=2, capacity_factor=1.0)
     with pytest.raises(ValueError, match="top_k|subset"):
         layer.restrict_to(group)
+
+
+def test_eval_never_drops_so_a_sequence_does_not_depend_on_its_batch():
+    """Capacity 0.25 drops most assignments in training; in eval each sequence alone equals its batched self."""
+    fast, ref = _pair(16, 32, 4, 2, 0.25)
+    batch = torch.randn(4, 12, 16)
+    _, train_stats = fast(batch)
+    assert train_stats.num_dropped > 0.5 * batch.shape[0] * batch.shape[1] * 2  # training still drops, counted
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        batched, stats = fast(batch)
+        alone = torch.cat([fast(batch[i : i + 1])[0] for i in range(batch.shape[0])])
+        reference, ref_stats = ref(batch)
+    assert stats.num_dropped == 0 and ref_stats.num_dropped == 0
+    torch.testing.assert_close(alone, batched, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_model_eval_logits_of_a_sequence_do_not_depend_on_its_batch():
+    cfg = ModelConfig(vocab_size=64, max_seq_len=16, hidden_size=32, num_heads=2, h_layers=1, l_layers=1,
+                      h_cycles=2, l_cycles=2, halt_max_steps=2, num_experts=4, num_experts_per_tok=2,
+                      moe_capacity_factor=0.1)
+    torch.manual_seed(0)
+    model = HRMACTv1(cfg)
+    reference = HRMACTv1(cfg, moe_impl="reference")
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.max_seq_len + 1), generator=torch.Generator().manual_seed(1))
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    train_drops = sum(e["dropped_tokens"] for e in model.train()(ids, labels).routing.events())
+    assert train_drops > 0
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        out = model(ids, labels)
+        alone = model(ids[1:2], labels[1:2]).logits
+        ref_logits = reference(ids, labels).logits
+    assert sum(e["dropped_tokens"] for e in out.routing.events()) == 0
+    torch.testing.assert_close(alone, out.logits[1:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_train_mode_drops_never_leak_the_future():
+    """Assignments are served in token order, so a later token cannot push an earlier one over capacity."""
+    layer = MoEFeedForward(16, 32, num_experts=4, top_k=2, capacity_factor=0.5)
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad():
+        out, stats = layer(x)
+        assert stats.num_dropped > 0
+        for t in (5, 15):
+            changed = x.clone()
+            changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :])
+            torch.testing.assert_close(layer(changed)[0][:, : t + 1], out[:, : t + 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "k", "factor"),
+    [(64, 4, 2, 0.25), (50, 8, 1, 0.5), (7, 16, 2, 1.0)],
+)
+def test_dropless_fast_path_equals_reference_and_drops_nothing(tokens, experts, k, factor):
+    fast, ref = _pair(16, 32, experts, k, factor)
+    x = torch.randn(tokens, 16)
+    grad_out = torch.randn_like(x)
+    capped = _run(fast, x, grad_out)[3]
+    fast.dropless = ref.dropless = True
+    for layer in (fast, ref):
+        layer.zero_grad()
+    out_f, gx_f, grads_f, stats_f = _run(fast, x, grad_out)
+    # A capacity that no expert can exceed keeps every assignment: what dropless must compute.
+    unlimited = MoEFeedForward(16, 32, experts, k, experts / k, impl="reference")
+    unlimited.load_state_dict(ref.state_dict())
+    for layer in (ref, unlimited):
+        out_r, gx_r, grads_r, stats_r = _run(layer, x, grad_out)
+        torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx_f, gx_r, atol=1e-5, rtol=1e-5)
+        for name in grads_r:
+            torch.testing.assert_close(grads_f[name], grads_r[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert stats_r.num_dropped == 0
+    assert stats_f.num_dropped == 0
+    assert capped.num_dropped > 0  # the same layer with capacity does drop
+    assert torch.equal(stats_f.token_counts, capped.token_counts)  # routing itself is unchanged
+
+
+class _SlabSource:
+    """A stand-in for the tiered store: every expert in a slot of one slab (a permutation, spare slots
+    between), per-expert leaves that alias their slot, as ``MoEFeedForward.use_expert_source`` expects."""
+
+    def __init__(self, layer: MoEFeedForward, num_slots: int) -> None:
+        experts = layer.num_experts
+        self.slot = torch.randperm(num_slots, generator=torch.Generator().manual_seed(5))[:experts].tolist()
+        self.gate_up = torch.zeros(num_slots, *layer.w_gate_up.shape[1:])
+        self.down = torch.zeros(num_slots, *layer.w_down.shape[1:])
+        with torch.no_grad():
+            self.gate_up[self.slot] = layer.w_gate_up
+            self.down[self.slot] = layer.w_down
+        self.leaves = {e: (self.gate_up[self.slot[e]].detach().requires_grad_(True),
+                           self.down[self.slot[e]].detach().requires_grad_(True)) for e in range(experts)}
+
+    def weights(self, layer: int, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {e: self.leaves[e] for e in ids}
+
+    def slots_of(self, layer: int, ids: list[int]) -> list[int]:
+        return [self.slot[e] for e in ids]
+
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up, self.down
+
+
+def test_dropless_tiered_experts_equal_the_reference():
+    tiered, ref = _pair(16, 32, 6, 2, 0.25)
+    tiered.dropless = ref.dropless = True
+    source = _SlabSource(tiered, num_slots=9)
+    tiered.use_expert_source(source)
+    x, grad_out = torch.randn(40, 16), torch.randn(40, 16)
+    out_t, gx_t, _, stats_t = _run(tiered, x, grad_out)
+    out_r, gx_r, grads_r, stats_r = _run(ref, x, grad_out)
+    assert stats_t.num_dropped == stats_r.num_dropped == 0
+    torch.testing.assert_close(out_t, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_t, gx_r, atol=1e-5, rtol=1e-5)
+    for e, (w_gate_up, w_down) in source.leaves.items():
+        torch.testing.assert_close(w_gate_up.grad, grads_r["w_gate_up"][e], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(w_down.grad, grads_r["w_down"][e], atol=1e-5, rtol=1e-4)
+
+
+def test_dropless_flag_reaches_every_moe_layer():
+    cfg = dataclasses.replace(ModelConfig(vocab_size=32, max_seq_len=8, hidden_size=16, num_heads=2),
+                              moe_dropless=True, moe_capacity_factor=0.1)
+    model = HRMACTv1(cfg).train()
+    ids = torch.randint(0, 32, (2, 8))
+    events = model(ids, ids).routing.events()
+    assert events and all(e["dropped_tokens"] == 0 for e in events)
+    assert all(sum(e["token_counts"]) > 0 for e in events)

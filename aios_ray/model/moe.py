@@ -1,5 +1,9 @@
 """Sparse Mixture-of-Experts FFN: fp32 router, top-k, capacity with counted drops, Switch balance loss.
 
+Capacity applies only in training and only without ``dropless``: evaluation and inference (``eval()``) keep
+every assignment, so a sequence's output never depends on the other sequences of its batch. Dropless training
+keeps every assignment too; the grouped matmuls take variable group sizes, so that costs no padding.
+
 Two implementations of the expert computation share one router:
 - ``reference``: every expert runs on every token and is weighted by its combine weight (zero
   for tokens not routed to it or dropped). Slow and obviously right: it is the oracle in tests.
@@ -30,7 +34,7 @@ class Routing:
     combine_weight: torch.Tensor  # (N, k) fp32, renormalised top-k probs, 0 where dropped
     kept: torch.Tensor  # (N, k) bool, False where the expert was over capacity
     probs: torch.Tensor  # (N, E) fp32 softmax over all experts
-    capacity: int
+    capacity: int  # most assignments an expert serves; N (no limit) when nothing is dropped
 
 
 @dataclass
@@ -50,11 +54,12 @@ def _grouped_mm_available() -> bool:
 
 class MoEFeedForward(nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int,
-                 capacity_factor: float, impl: str = "fast") -> None:
+                 capacity_factor: float, impl: str = "fast", dropless: bool = False) -> None:
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k {top_k} > num_experts {num_experts}")
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.dropless = dropless  # train without capacity too (eval never applies it)
         self.impl = impl
         self.layer_index = -1  # position among the model's MoE layers: the store's address of its experts
         self.expert_source: Any = None  # set by use_expert_source(): experts then live in a tiered store
@@ -94,6 +99,12 @@ class MoEFeedForward(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_active)
 
+    @property
+    def applies_capacity(self) -> bool:
+        """Capacity is a training-time cap on compute; in eval it would make a sequence's output depend on
+        the rest of its batch (and drop tokens that inference must serve), so only training applies it."""
+        return self.training and not self.dropless
+
     def route(self, x: torch.Tensor) -> Routing:
         """x: (N, C). The router always runs in fp32, whatever autocast says."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -103,6 +114,8 @@ class MoEFeedForward(nn.Module):
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        if not self.applies_capacity:  # top-k experts are distinct, so no expert gets more than N assignments
+            return Routing(top_i, top_p, torch.ones_like(top_i, dtype=torch.bool), probs, x.shape[0])
         capacity = self.capacity(x.shape[0])
         kept = self._within_capacity(top_i, capacity)
         return Routing(top_i, top_p * kept, kept, probs, capacity)
