@@ -20,15 +20,16 @@ the file against the manifest's checksum, so a torn, truncated or bit-flipped fi
 ``StoreCorruptError`` instead of handing a trainer wrong weights.
 
 Checksums: XXH3-128 (``xxhash``), the kind of checksum storage engines use for this (RocksDB's default is
-XXH3): it detects torn, truncated, swapped and bit-flipped files like sha256 does, at ~15-25 GiB/s on one
-core instead of sha256's ~1.4 GiB/s, which was slower than the disk and the largest cost of a read. It is
+XXH3): it detects torn, truncated, swapped and bit-flipped files like sha256 does, at ~24 GiB/s on an idle
+core here instead of sha256's ~1.4 GiB/s, which was slower than the disk and the largest cost of a read. It is
 not a defence against someone who can write the store's files (neither was sha256 next to a manifest
 they can rewrite). Format 2 manifests (written since) hold ``"xxh3_128"`` per entry; format 1 manifests
 and snapshots hold ``"sha256"``. Old entries are not migrated: an entry is verified with the checksum it
 was written with, so opening an old store stays a read of one JSON file (a migration would read every
 record once at open), a format-1 snapshot restores as is, and an old record moves to XXH3 when its
-expert is next written. The first commit rewrites the manifest as format 2 (old entries keep their
-``"sha256"``); code from before this change refuses a format-2 manifest by name rather than misreading it.
+expert is next written. The next manifest write (a commit, snapshot or restore) makes it format 2 (old
+entries keep their ``"sha256"``); code from before this change refuses a format-2 manifest by name
+rather than misreading it.
 
 Reads are the hot path (a cache miss in the DRAM tier), so a read does one pass over the file: it
 ``readinto``s each tensor straight into its slot of the flat record and feeds the same memory to the
