@@ -21,7 +21,8 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.nvme_store import create_nvme_store
-from aios_ray.errors import UserError
+from aios_ray.config import StoreConfig
+from aios_ray.errors import DataError, UserError
 from aios_ray.store.control import revert_counts
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import CudaSlab, HotSlab, Slab, open_shared_slab, slab_path
@@ -34,33 +35,13 @@ MAX_CONCURRENCY = 4
 GPU_CACHE_SHARE = 0.05
 
 
-@dataclass(frozen=True)
-class StoreConfig:
-    """capacity_gpu / capacity_dram count expert records; store_path is the NVMe store's directory."""
+def actor_name(config: StoreConfig, tier: str) -> str:
+    """The one place store actor names are made: ``<store>-nvme``, ``<store>-dram``, ``<store>-gpu<i>``."""
+    return f"{config.name}-{tier}"
 
-    name: str
-    store_path: str
-    hidden_size: int
-    ffn_size: int
-    capacity_gpu: int
-    capacity_dram: int
-    dtype: str = "float32"
-    namespace: str = "aios-ray"
-    num_gpu_caches: int = 1
-    device: str = "cpu"  # "cuda": the hot slots live in GPU memory, shared by CUDA IPC
-    gpu_share: float = GPU_CACHE_SHARE  # the GPU cache actor's fractional num_gpus (scheduling only)
 
-    def __post_init__(self) -> None:
-        if self.dtype != "float32":
-            raise ValueError(f"store dtype {self.dtype!r}: only float32 records are supported")
-        if self.device not in ("cpu", "cuda") or not 0 < self.gpu_share < 1:
-            raise ValueError(f"store device {self.device!r} (cpu or cuda), gpu_share {self.gpu_share} (0..1)")
-        if self.capacity_gpu <= 0 or self.capacity_dram <= 0:
-            raise ValueError("capacity_gpu and capacity_dram must be > 0 (expert records)")
-
-    @property
-    def layout(self) -> ExpertLayout:
-        return ExpertLayout(self.hidden_size, self.ffn_size)
+GPU_TIERS = ("gpu0",)  # one GPU cache per store for now (one per GPU is future work)
+TIERS = (*GPU_TIERS, "dram", "nvme")
 
 
 class DramActorTier:
@@ -101,9 +82,10 @@ class _CacheActorBase:
     tier: Any
     metrics: TierMetrics
     config: StoreConfig
+    layout: ExpertLayout
 
-    def store_config(self) -> StoreConfig:
-        return self.config
+    def store_config(self) -> tuple[StoreConfig, ExpertLayout]:
+        return self.config, self.layout
 
     def flush(self) -> int:
         return self.tier.flush()
@@ -122,9 +104,8 @@ class _CacheActorBase:
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DramCacheActor(_CacheActorBase):
-    def __init__(self, config: StoreConfig, nvme: ray.actor.ActorHandle) -> None:
-        self.config = config
-        layout = config.layout
+    def __init__(self, config: StoreConfig, layout: ExpertLayout, nvme: ray.actor.ActorHandle) -> None:
+        self.config, self.layout = config, layout
         self.tier = DramTier(config.capacity_dram * layout.nbytes, layout, NvmeActorTier(nvme))
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
         self.metrics = TierMetrics("dram")
@@ -146,14 +127,13 @@ class GpuCacheActor(_CacheActorBase):
     """The hot tier: its slots in GPU memory (``device="cuda"``, shared by CUDA IPC), or without a GPU in a
     shared-memory file (same rules)."""
 
-    def __init__(self, config: StoreConfig, index: int, dram: ray.actor.ActorHandle) -> None:
-        self.config = config
-        layout = config.layout
+    def __init__(self, config: StoreConfig, layout: ExpertLayout, tier: str, dram: ray.actor.ActorHandle) -> None:
+        self.config, self.layout = config, layout
         self.slab: HotSlab
         if config.device == "cuda":  # Ray made the GPU it assigned visible as device 0
             self.slab = CudaSlab.allocate(config.capacity_gpu, layout.numel, torch.device("cuda", 0))
         else:
-            path = slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path)
+            path = slab_path(config.namespace, actor_name(config, tier), str(config.path))
             # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
             path.unlink(missing_ok=True)
             self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
@@ -206,6 +186,7 @@ class TierMetrics:
 @dataclass
 class StoreHandles:
     config: StoreConfig
+    layout: ExpertLayout
     nvme: ray.actor.ActorHandle
     dram: ray.actor.ActorHandle
     gpu: list[ray.actor.ActorHandle]
@@ -217,10 +198,6 @@ class StoreHandles:
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([*(g.stats.remote() for g in self.gpu), self.dram.stats.remote(),
                         self.nvme.stats.remote()])
-
-    @property
-    def layout(self) -> ExpertLayout:
-        return self.config.layout
 
     def keys(self) -> list[ExpertKey]:
         return ray.get(self.nvme.keys.remote())
@@ -269,7 +246,7 @@ class StoreHandles:
         except FileNotFoundError as exc:
             raise UserError(f"{exc}: the GPU cache actor's slab is not on this node; --experts tiered needs the "
                             "training workers on the node of the store's actors") from None
-        return TieredExperts(ActorHotClient(self.gpu[index]), slab, self.config.layout)
+        return TieredExperts(ActorHotClient(self.gpu[index]), slab, self.layout)
 
 
 class ActorHotClient:
@@ -290,26 +267,28 @@ def shutdown_store(config: StoreConfig) -> int:
     """End the actors of the store ``config`` names, wherever they run (those that exist); returns how many.
     The slab files are removed when the actors ran on this node."""
     ended = 0
-    names = [f"{config.name}-gpu{i}" for i in range(config.num_gpu_caches)] + [f"{config.name}-dram",
-                                                                                 f"{config.name}-nvme"]
-    for name in names:
+    for tier in TIERS:
         try:
-            ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
+            ray.kill(ray.get_actor(actor_name(config, tier), namespace=config.namespace), no_restart=True)
             ended += 1
         except ValueError:  # never created, or gone already
             continue
-    for index in range(config.num_gpu_caches):
-        slab_path(config.namespace, f"{config.name}-gpu{index}", config.store_path).unlink(missing_ok=True)
+    for tier in GPU_TIERS:
+        slab_path(config.namespace, actor_name(config, tier), str(config.path)).unlink(missing_ok=True)
     return ended
 
 
-def create_store(config: StoreConfig, node_id: str | None = None, detached: bool = False) -> StoreHandles:
+def create_store(config: StoreConfig, layout: ExpertLayout, node_id: str | None = None,
+                 detached: bool = False) -> StoreHandles:
     """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name.
 
+    ``config`` must be resolved (``StoreConfig.resolved``); ``layout`` is the model's expert record layout.
     ``node_id``: place new actors on that node (the training worker's: the hot slab must be mapped where the
     compute runs). ``detached``: they outlive the process that created them (a training worker that dies
     and is restarted finds them again); whoever runs the whole job then ends them (``shutdown_store``).
     """
+    if not config.is_resolved:
+        raise ValueError(f"store config {config} is not resolved (StoreConfig.resolved fills in its defaults)")
     # num_cpus=0: the tiers wait on memory copies, disks and other actors, and must not take the CPUs that
     # training workers reserve (an actor given any resource, num_gpus=0 included, would hold one CPU for life).
     options: dict[str, Any] = {"namespace": config.namespace, "get_if_exists": True, "max_restarts": -1,
@@ -318,14 +297,25 @@ def create_store(config: StoreConfig, node_id: str | None = None, detached: bool
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     if detached:
         options["lifetime"] = "detached"
-    nvme = create_nvme_store(config.store_path, config.layout, name=f"{config.name}-nvme",
+    nvme = create_nvme_store(str(config.path), layout, name=actor_name(config, "nvme"),
                              namespace=config.namespace, node_id=node_id, detached=detached)
-    dram = DramCacheActor.options(name=f"{config.name}-dram", **options).remote(config, nvme)
-    num_gpus = config.gpu_share if config.device == "cuda" else 0
-    gpu = [GpuCacheActor.options(name=f"{config.name}-gpu{i}", num_gpus=num_gpus, **options).remote(config, i, dram)
-           for i in range(config.num_gpu_caches)]
+    dram = DramCacheActor.options(name=actor_name(config, "dram"), **options).remote(config, layout, nvme)
+    num_gpus = GPU_CACHE_SHARE if config.device == "cuda" else 0
+    gpu = [GpuCacheActor.options(name=actor_name(config, tier), num_gpus=num_gpus, **options).remote(
+        config, layout, tier, dram) for tier in GPU_TIERS]
     for actor in (dram, *gpu):  # found by name: it must be this store, not another run's
         existing = ray.get(actor.store_config.remote())
-        if existing != config:
+        if existing != (config, layout):
             raise UserError(f"store actors named {config.name!r} already serve {existing}; asked for {config}")
-    return StoreHandles(config, nvme, dram, gpu)
+    return StoreHandles(config, layout, nvme, dram, gpu)
+
+
+def live_store_stats(config: StoreConfig, address: str | None) -> dict[str, Any]:
+    """Ask the running store actors of ``config`` (found by name) for their counters."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=config.namespace, log_to_driver=False)
+    try:
+        handles = [ray.get_actor(actor_name(config, tier), namespace=config.namespace) for tier in (*GPU_TIERS, "dram")]
+    except ValueError:
+        raise DataError(f"--name {config.name}: no running store actors in namespace {config.namespace!r}") from None
+    return {"tiers": ray.get([handle.stats.remote() for handle in handles])}

@@ -122,12 +122,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_store_stats(args: argparse.Namespace) -> int:
-    from aios_ray.store.report import finished_store_stats, format_table, live_store_stats
+    from aios_ray.config import StoreConfig
+    from aios_ray.store.report import finished_store_stats, format_table
 
     if bool(args.store_path) == bool(args.name):
         raise UserError("store stats: give exactly one of --store-path (any store) or --name (a running one)")
-    stats = (finished_store_stats(Path(args.store_path)) if args.store_path
-             else live_store_stats(args.name, args.namespace, args.address))
+    config = StoreConfig(experts="tiered", path=args.store_path, name=args.name, namespace=args.namespace)
+    if args.store_path:
+        stats = finished_store_stats(config)
+    else:
+        from actors.tier_actors import live_store_stats  # Ray is imported only when it is used
+
+        stats = live_store_stats(config, args.address)
     print(format_table(stats))
     return 0
 

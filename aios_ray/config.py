@@ -131,21 +131,8 @@ class TrainConfig:
     stop_file: str | None = _opt(None, "when this file appears, finish the current step, checkpoint and stop; "
                                        "default: <bundle>/STOP")
     seed: int = _opt(0, "seed for initialisation, data order and ACT exploration")
-    experts: str = _opt("local", "where MoE experts live: 'local' (in the training process) or 'tiered' (a "
-                                 "GPU/DRAM/NVMe store owned by Ray actors; the router stays in the model)")
-    capacity_gpu: int = _opt(0, "--experts tiered: hot-tier slots in expert records (0: room for every expert)")
-    capacity_dram: int = _opt(0, "--experts tiered: DRAM-tier capacity in expert records (0: every expert)")
-    store_path: str | None = _opt(None, "--experts tiered: the NVMe store directory; default <bundle>/expert_store")
-    prefetch: bool = _opt(True, "--experts tiered: prefetch the experts the last steps used (usage history)")
-    store_stats_interval: int = _opt(50, "--experts tiered: steps between store_stats events in the metrics log")
-
     def __post_init__(self) -> None:
-        if self.experts not in ("local", "tiered"):
-            raise ConfigError(f"--experts {self.experts!r}: expected 'local' or 'tiered'")
-        for name in ("capacity_gpu", "capacity_dram"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("store_stats_interval", "eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
+        for name in ("eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
                      "expert_usage_interval", "checkpoint_interval", "keep_checkpoints", "tokenizer_vocab_size"):
             _positive(name, getattr(self, name))
         for name in ("eval_batches", "warmup_steps", "weight_decay", "grad_clip"):
@@ -157,6 +144,64 @@ class TrainConfig:
             raise ConfigError(f"--tokenizer-vocab-size must be >= 260 (256 bytes + specials), "
                               f"got {self.tokenizer_vocab_size}")
         _check_name("--brain-name", self.brain_name)
+
+
+@dataclass
+class StoreConfig:
+    """The tiered expert store: one description, handed unchanged to the in-process store, to the store's
+    Ray actors (``actors.tier_actors.create_store``), to their shutdown and to ``aios-ray store stats``.
+
+    ``path``, ``name``, ``device`` and the capacities have defaults that depend on the run; ``resolved``
+    fills them in once (with the expert count the model reports), before anything is created.
+    """
+
+    experts: str = _opt("local", "where MoE experts live: 'local' (in the training process) or 'tiered' (a "
+                                 "GPU/DRAM/NVMe store owned by Ray actors; the router stays in the model)")
+    capacity_gpu: int = _opt(0, "--experts tiered: hot-tier slots in expert records (0: room for every expert); "
+                                "a tier smaller than a step's experts still trains, streaming the rest (slower)")
+    capacity_dram: int = _opt(0, "--experts tiered: DRAM-tier capacity in expert records (0: every expert)")
+    path: str | None = _opt(None, "--experts tiered: the NVMe store directory; default <bundle>/expert_store",
+                            flag="--store-path")
+    name: str | None = _opt(None, "--experts tiered: name of the store's Ray actors; default: the brain name",
+                            flag="--store-name")
+    namespace: str = _opt("aios-ray", "--experts tiered: Ray namespace of the store's actors",
+                          flag="--store-namespace")
+    device: str = _opt("auto", "--experts tiered: where the hot slots live: 'cpu' (a shared-memory file), "
+                               "'cuda' (GPU memory shared by CUDA IPC), or 'auto' (cuda with --use-gpu)",
+                       flag="--store-device")
+    prefetch: bool = _opt(True, "--experts tiered: prefetch the experts the last steps used (usage history)")
+    stats_interval: int = _opt(50, "--experts tiered: steps between store_stats events in the metrics log",
+                               flag="--store-stats-interval")
+
+    def __post_init__(self) -> None:
+        if self.experts not in ("local", "tiered"):
+            raise ConfigError(f"--experts {self.experts!r}: expected 'local' or 'tiered'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--store-device {self.device!r}: expected 'auto', 'cpu' or 'cuda'")
+        for name in ("capacity_gpu", "capacity_dram"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _positive("store_stats_interval", self.stats_interval)
+        if self.name is not None:
+            _check_name("--store-name", self.name)
+
+    @property
+    def tiered(self) -> bool:
+        return self.experts == "tiered"
+
+    def resolved(self, bundle_root: str | Path, brain_name: str, total_experts: int, use_gpu: bool) -> StoreConfig:
+        """Every run-dependent default filled in: the store's path and name, the hot tier's device, and
+        capacities of 0 (= every expert) as the model's expert count."""
+        device = ("cuda" if use_gpu else "cpu") if self.device == "auto" else self.device
+        return dataclasses.replace(
+            self, path=str(Path(self.path or Path(bundle_root) / "expert_store").resolve()),
+            name=self.name or brain_name, device=device,
+            capacity_gpu=self.capacity_gpu or total_experts, capacity_dram=self.capacity_dram or total_experts)
+
+    @property
+    def is_resolved(self) -> bool:
+        return (self.path is not None and self.name is not None and self.device != "auto"
+                and self.capacity_gpu > 0 and self.capacity_dram > 0)
 
 
 @dataclass
@@ -181,9 +226,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
-        if self.train.experts == "tiered":
+        if self.store.tiered:
             if not self.model.use_moe:
                 raise ConfigError("--experts tiered needs MoE layers (drop --no-moe)")
             if self.cluster.num_workers > 1 and self.cluster.use_gpu:
@@ -195,7 +241,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
-        sections = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig}
+        sections = SECTIONS
         unknown = set(data) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
@@ -208,7 +254,8 @@ class Config:
         return cls(**built)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig,
+                             "store": StoreConfig}
 
 
 def build_section(section_cls: type, values: dict[str, Any], source: str) -> Any:
@@ -233,7 +280,7 @@ def load_yaml_config(name_or_path: str) -> dict[str, Any]:
     if data is None:
         raise ConfigError(f"{path}: empty config file")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (model/train/cluster)")
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model/train/cluster/store)")
     Config.from_dict(data, source=str(path))  # validate early, naming the file
     return data
 

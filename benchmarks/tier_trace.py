@@ -83,7 +83,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.tier_actors import StoreConfig, StoreHandles, create_store
+from actors.tier_actors import StoreHandles, create_store
+from aios_ray.config import StoreConfig
 from aios_ray.store.policy import AccessHistory
 from aios_ray.store.record import ExpertKey, ExpertLayout
 
@@ -190,11 +191,10 @@ def predict(trace: Trace, history: dict[int, AccessHistory], game: int, layer: i
 
 
 def open_store(args: argparse.Namespace, root: Path, variant: str) -> StoreHandles:
-    config = StoreConfig(name=f"trace-{variant}-{os.getpid()}", store_path=str(root / variant),
-                         hidden_size=args.hidden, ffn_size=args.ffn,
-                         capacity_gpu=args.gpu_per_layer * args.layers,
+    config = StoreConfig(experts="tiered", name=f"trace-{variant}-{os.getpid()}", path=str(root / variant),
+                         device="cpu", capacity_gpu=args.gpu_per_layer * args.layers,
                          capacity_dram=args.dram_per_layer * args.layers, namespace=NAMESPACE)
-    handles = create_store(config)
+    handles = create_store(config, ExpertLayout(args.hidden, args.ffn))
     seed_store(handles, args.layers, args.experts)
     return handles
 

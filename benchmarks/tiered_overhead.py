@@ -56,12 +56,15 @@ from torch.autograd.profiler_util import FunctionEvent  # noqa: E402
 
 from aios_ray.config import Config, load_yaml_config, merge  # noqa: E402
 from aios_ray.model.moe import MoEFeedForward  # noqa: E402
+from aios_ray.store.backend import TieredBackend  # noqa: E402
+from aios_ray.store.export import count_experts  # noqa: E402
 from aios_ray.store.record import ExpertLayout  # noqa: E402
 from aios_ray.store.tiered_experts import _alias, _slot_weight_views  # noqa: E402
-from aios_ray.train.loop import LocalContext, RunPlan, Trainer  # noqa: E402
+from aios_ray.train.context import LocalContext  # noqa: E402
+from aios_ray.train.loop import Trainer  # noqa: E402
+from aios_ray.train.plan import RunPlan  # noqa: E402
 from aios_ray.train.prepare import prepare_run  # noqa: E402
-from aios_ray.train.ray_train import open_store_actors  # noqa: E402
-from aios_ray.train.tiered import StoreSpec  # noqa: E402
+from aios_ray.train.ray_train import RayTrainContext  # noqa: E402
 
 EXPERT_RANGE = "bench::expert_ffn"
 ACTOR_PREFIX = "bench::actor."
@@ -71,8 +74,7 @@ OPTIM_SLOTS = "bench::optimizer_slots"
 class RayStoreContext(LocalContext):
     """This process as the (single) Ray Train worker: CPU, no DDP, but the expert store is the real actors."""
 
-    def open_expert_store(self, spec: StoreSpec) -> Any:
-        return open_store_actors(spec)
+    open_expert_store = RayTrainContext.open_expert_store
 
 
 class CallTimer:
@@ -105,17 +107,20 @@ def build_plans(args: argparse.Namespace, tmp: Path) -> tuple[RunPlan, RunPlan, 
     model: dict[str, Any] = {}
     if args.max_seq_len:
         model["max_seq_len"] = args.max_seq_len
-    train: dict[str, Any] = {"bundle_dir": str(tmp / "local"), "brain_name": f"bench-overhead-{os.getpid()}",
-                             "experts": "local"}
+    train: dict[str, Any] = {"bundle_dir": str(tmp / "local"), "brain_name": f"bench-overhead-{os.getpid()}"}
     if args.batch_size:
         train["batch_size"] = args.batch_size
     cfg = Config.from_dict(merge(base, {"model": model, "train": train, "cluster": {"use_ray": False}}))
     plan_local, data = prepare_run(cfg)  # the tokenizer is trained once: both variants get the same token arrays
     tiered_root = (tmp / "tiered" / cfg.train.brain_name).resolve()
-    tiered_cfg = dataclasses.replace(plan_local.config, train=dataclasses.replace(
-        plan_local.config.train, experts="tiered", bundle_dir=str(tmp / "tiered"), capacity_gpu=0, capacity_dram=0))
+    local_cfg = plan_local.config
+    store = dataclasses.replace(local_cfg.store, experts="tiered", capacity_gpu=0, capacity_dram=0).resolved(
+        tiered_root, cfg.train.brain_name, count_experts(local_cfg.model), use_gpu=False)
+    tiered_cfg = dataclasses.replace(local_cfg, store=store, train=dataclasses.replace(
+        local_cfg.train, bundle_dir=str(tmp / "tiered")))
     plan_tiered = RunPlan(config=tiered_cfg, bundle_root=str(tiered_root), log_file=str(tiered_root / "metrics.jsonl"),
-                          stop_file=str(tiered_root / "STOP"), metadata={"name": cfg.train.brain_name})
+                          stop_file=str(tiered_root / "STOP"), metadata={"name": cfg.train.brain_name},
+                          run_id="bench-tiered")
     return plan_local, plan_tiered, data
 
 
@@ -327,14 +332,15 @@ def main() -> None:
               f"grad_accum={t.grad_accum} amp={t.amp} vocab={m.vocab_size} seed={t.seed}", flush=True)
         local = Variant("local", Trainer(plan_local, data, LocalContext()), t.seed)
         tiered = Trainer(plan_tiered, data, RayStoreContext())
-        assert tiered.tiered is not None
+        backend = tiered.experts
+        assert isinstance(backend, TieredBackend)
         timer = CallTimer()
-        store = tiered.tiered.store
+        store = backend.store
         for method in ("lease", "release", "mark_dirty"):
-            timer.wrap(tiered.tiered.experts.client, method, method)
+            timer.wrap(backend.experts.client, method, method)
         timer.wrap(store, "prefetch", "prefetch_submit")
         tier = Variant("tiered", tiered, t.seed)
-        n_experts = len(tiered.tiered.keys)
+        n_experts = len(backend.keys)
         print(f"tiered store: {n_experts} experts ({len(tiered.model.moe_layers())} MoE layers x {m.num_experts}), "
               f"capacity_gpu={n_experts} capacity_dram={n_experts}, record {store.layout.nbytes / 2**20:.2f} MiB",
               flush=True)
@@ -387,8 +393,8 @@ def main() -> None:
             layer_check(plan_local.config, args.layer_rounds)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
-        if tiered is not None and tiered.tiered is not None:
-            slab = tiered.tiered.experts.slab.path
+        if tiered is not None and isinstance(tiered.experts, TieredBackend):
+            slab = tiered.experts.experts.slab.path
             ray.shutdown()
             slab.unlink(missing_ok=True)
         else:

@@ -1,21 +1,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
-from aios_ray.config import Config, load_yaml_config, merge
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def debug_config(tmp_path: Path, **train_overrides) -> Config:
-    """The debug preset with its bundle under tmp_path; keyword args override train options."""
-    base = load_yaml_config("debug")
-    overrides = {"train": {"bundle_dir": str(tmp_path / "brains"), "brain_name": "t", **train_overrides},
-                 "cluster": {"use_ray": False}}
-    return Config.from_dict(merge(base, overrides))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason in the summary, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

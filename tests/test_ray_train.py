@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from aios_ray.tracking.jsonl import read_metrics
 from aios_ray.train.run import run_training
-from tests.conftest import debug_config
+from tests.helpers import (
+    PER_SEQUENCE_LOSS,
+    assert_same_weights,
+    bundle_weights,
+    debug_config,
+    events,
+    train_losses,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -31,13 +37,29 @@ def test_torch_trainer_reports_checkpoints_and_writes_the_bundle(ray_local, tmp_
     assert json.loads((Path(plan.bundle_root) / "metadata.json").read_text())["total_steps"] == 6
 
 
-def test_two_workers_train_data_parallel(ray_local, tmp_path: Path):
-    plan, summary = run_training(_on_ray(tmp_path, 2, steps=4, checkpoint_interval=2))
-    start = next(e for e in read_metrics(Path(plan.log_file)) if e["event"] == "run_start")
-    assert start["world_size"] == 2
+def test_two_workers_train_data_parallel_like_one_worker_with_twice_the_batch(ray_local, tmp_path: Path):
+    """2 DDP workers x batch 4 give the weights, gradient norms and eval losses of 1 worker x batch 8.
+
+    Why they can: step i's global batch is blocks [8i, 8i + 8) of the shuffle either way (rank r takes the 4 at
+    8i + 4r, tests/test_data.py), and DDP's mean of the two shards' gradients is the gradient of the mean over the
+    8 sequences, because the loss is a mean of per-sequence terms with the settings of ``PER_SEQUENCE_LOSS`` (ACT
+    exploration draws its random numbers per process and forward: each rank draws the same ones for its rows as
+    the other rank, one worker draws 8 different ones). Tolerance: float noise of another summation order,
+    measured 1e-6 on losses and norms and a few 1e-6 on weights. Not compared: the logged train_loss,
+    lm_loss and mean_halt_steps, which under DDP are rank 0's shard's only."""
+    train = {"steps": 4, "checkpoint_interval": 2}
+    plan, summary = run_training(_on_ray(tmp_path / "ddp", 2, model=PER_SEQUENCE_LOSS, **train))
+    assert events(plan.log_file, "run_start")[0]["world_size"] == 2
     assert summary["step"] == 4
-    train = [e for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"]
-    assert len(train) == 4  # only rank 0 logs
+    ddp = events(plan.log_file, "train")
+    assert len(ddp) == 4  # only rank 0 logs
+    single, _ = run_training(debug_config(tmp_path / "single", model=PER_SEQUENCE_LOSS, batch_size=8, **train))
+    expected = events(single.log_file, "train")
+    # grad_norm is taken after DDP's all-reduce: the norm of the whole global batch's gradient, clipped alike
+    assert [e["grad_norm"] for e in ddp] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-5)
+    assert [e["eval_loss"] for e in events(plan.log_file, "eval")] == pytest.approx(
+        [e["eval_loss"] for e in events(single.log_file, "eval")], rel=1e-5)
+    assert_same_weights(bundle_weights(plan.bundle_root), bundle_weights(single.bundle_root), atol=2e-5, rtol=1e-4)
 
 
 def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_experts(ray_local, tmp_path: Path):
@@ -47,12 +69,12 @@ def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_exper
     from aios_ray.train.bundle import load_tensors
 
     train = {"steps": 4, "checkpoint_interval": 2, "eval_interval": 100, "expert_usage_interval": 100,
-             "store_stats_interval": 100}
+             "stats_interval": 100}
     runs = {}
     for experts in ("local", "tiered"):
         plan, summary = run_training(_on_ray(tmp_path / experts, 2, experts=experts, **train))
         assert summary["step"] == 4
-        losses = {e["step"]: e["train_loss"] for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"}
+        losses = train_losses(plan.log_file)
         runs[experts] = (losses, load_tensors(Path(plan.bundle_root) / "model.safetensors"))
     for suffix in ("gpu0", "dram", "nvme"):  # the workers made the store's actors detached; the run ended them
         with pytest.raises(ValueError):

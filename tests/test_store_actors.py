@@ -10,18 +10,22 @@ import pytest
 import ray
 import torch
 
-from actors.tier_actors import StoreConfig, create_store
+from actors.tier_actors import create_store
+from aios_ray.config import StoreConfig
 from aios_ray.model.hrm import HRMACTv1
-from aios_ray.store.record import ExpertKey
+from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.train.optim import BETAS, EPS, build_optimizer
-from tests.test_store_tiered import CFG, _assert_same_experts, _assert_same_gradients, local_records
+from tests.helpers import CFG, assert_same_experts, assert_same_gradients, local_records
 
 pytestmark = pytest.mark.ray
 
 
 def _config(tmp_path: Path, name: str, gpu: int = 12, dram: int = 6) -> StoreConfig:
-    return StoreConfig(name=name, store_path=str(tmp_path / name), hidden_size=CFG.hidden_size,
-                       ffn_size=CFG.ffn_size, capacity_gpu=gpu, capacity_dram=dram)
+    return StoreConfig(experts="tiered", name=name, path=str(tmp_path / name), device="cpu", capacity_gpu=gpu,
+                       capacity_dram=dram)
+
+
+LAYOUT = ExpertLayout(CFG.hidden_size, CFG.ffn_size)
 
 
 def _train_steps(local, tiered, source, store, steps: int, first_seed: int = 0) -> None:
@@ -38,7 +42,7 @@ def _train_steps(local, tiered, source, store, steps: int, first_seed: int = 0) 
         torch.testing.assert_close(out_tiered.logits, out_local.logits, atol=1e-5, rtol=1e-5)
         out_local.loss.backward()
         out_tiered.loss.backward()
-        _assert_same_gradients(local, tiered, source)
+        assert_same_gradients(local, tiered, source)
         for opt in opts:
             opt.step()
             opt.zero_grad()
@@ -50,24 +54,24 @@ def _pair(store):
     torch.manual_seed(0)
     local, tiered = HRMACTv1(CFG).train(), HRMACTv1(CFG).train()
     tiered.load_state_dict(local.state_dict())
-    ray.get(store.nvme.write_many.remote(local_records(local, store.config.layout)))
+    ray.get(store.nvme.write_many.remote(local_records(local, store.layout)))
     source = store.experts_client()
     tiered.use_expert_source(source)
     return local, tiered, source
 
 
 def test_training_through_the_actors_equals_local_and_is_durable_after_flush(ray_local, tmp_path: Path):
-    store = create_store(_config(tmp_path, "eq"))
+    store = create_store(_config(tmp_path, "eq"), LAYOUT)
     local, tiered, source = _pair(store)
     _train_steps(local, tiered, source, store, steps=3)
     assert store.flush() > 0
     from aios_ray.store.nvme import NvmeStore
 
-    _assert_same_experts(local, local._opts[0], NvmeStore(Path(store.config.store_path), store.config.layout),
-                         store.config.layout)
+    assert_same_experts(local, local._opts[0], NvmeStore(Path(str(store.config.path)), store.layout),
+                         store.layout)
     hot, dram, nvme = store.stats()
     assert hot["hits"] + hot["misses"] > 0 and nvme["reads"] > 0
-    again = create_store(_config(tmp_path, "eq"))  # found again by name
+    again = create_store(_config(tmp_path, "eq"), LAYOUT)  # found again by name
     resident = ray.get(again.gpu[0].resident.remote())
     assert resident == ray.get(store.gpu[0].resident.remote())
     # A restarted training worker maps the same slots again instead of reloading: its leases are all hits.
@@ -91,7 +95,7 @@ def _checksums(store) -> dict[ExpertKey, str]:
 
 @pytest.mark.parametrize("victim", ["gpu", "dram", "nvme"])
 def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path: Path, victim: str):
-    store = create_store(_config(tmp_path, f"kill-{victim}"))
+    store = create_store(_config(tmp_path, f"kill-{victim}"), LAYOUT)
     local, tiered, source = _pair(store)
     _train_steps(local, tiered, source, store, steps=2)
     store.flush()
@@ -104,7 +108,7 @@ def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path
     fresh.begin_step()
     weights = fresh.weights(0, [0, 1])
     flat, _ = ray.get(store.nvme.read.remote(ExpertKey(0, 1)))
-    expected = store.config.layout.views(torch.from_numpy(np.array(flat)))["w_down"]
+    expected = store.layout.views(torch.from_numpy(np.array(flat)))["w_down"]
     assert torch.equal(weights[1][1].detach(), expected)
     fresh.end_step()
 
@@ -142,18 +146,17 @@ def _kill_when_step_reached(log_file: Path, step: int, victim: str, namespace: s
 
 
 TRAIN = {"experts": "tiered", "capacity_dram": 3, "steps": 40, "checkpoint_interval": 5, "eval_interval": 100,
-         "expert_usage_interval": 100, "store_stats_interval": 100}
+         "expert_usage_interval": 100, "stats_interval": 100}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
     """Train losses of the tiered run that no kill interrupts (no Ray: the same arithmetic in one process)."""
-    from aios_ray.tracking.jsonl import read_metrics
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config, train_losses
 
     reference, _ = run_training(debug_config(tmp_path_factory.mktemp("reference"), **TRAIN))
-    return {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
+    return train_losses(reference.log_file)
 
 
 @pytest.mark.parametrize("victim", ["dram", "gpu0", "worker"])
@@ -172,7 +175,7 @@ def test_training_survives_a_kill_and_replays_from_the_last_flush(ray_local, tmp
 
     from aios_ray.tracking.jsonl import read_metrics
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config
 
     # A DRAM tier of 3 records for 8 experts: between flushes, dirty records are evicted on to NVMe (staged);
     # recovery must discard those too, or the replay would start from experts newer than the checkpoint.
@@ -208,7 +211,7 @@ def test_two_workers_survive_a_dram_cache_kill_together(ray_local, tmp_path: Pat
 
     from aios_ray.tracking.jsonl import read_metrics
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config, train_losses
 
     def two_workers(name: str):
         cfg = debug_config(tmp_path / name, **{**TRAIN, "steps": 20})
@@ -226,6 +229,6 @@ def test_two_workers_survive_a_dram_cache_kill_together(ray_local, tmp_path: Pat
     recoveries = [e for e in events if e["event"] == "store_recovery"]
     assert len(recoveries) == 1 and recoveries[0]["steps_replayed"] >= 1
     final = {e["step"]: e["train_loss"] for e in events if e["event"] == "train"}
-    expected = {e["step"]: e["train_loss"] for e in read_metrics(Path(reference.log_file)) if e["event"] == "train"}
+    expected = train_losses(reference.log_file)
     assert summary["step"] == 20
     assert final == pytest.approx(expected, rel=1e-5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from aios_ray.config import ModelConfig, TrainConfig
+from aios_ray.config import TrainConfig
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.nvme import NvmeStore
 from aios_ray.store.record import ExpertKey, ExpertLayout
@@ -16,18 +16,7 @@ from aios_ray.store.slab import Slab, open_shared_slab
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, NvmeAsLower
 from aios_ray.train.optim import BETAS, EPS, build_optimizer
-
-CFG = ModelConfig(vocab_size=32, max_seq_len=6, hidden_size=16, num_heads=2, h_layers=1, l_layers=1, h_cycles=1,
-                  l_cycles=1, halt_max_steps=1, num_experts=8, num_experts_per_tok=2, moe_capacity_factor=1.0)
-
-
-def local_records(model: HRMACTv1, layout: ExpertLayout) -> list[tuple[ExpertKey, np.ndarray, int]]:
-    items = []
-    for moe in model.moe_layers():
-        for e in range(moe.num_experts):
-            flat = layout.pack({"w_gate_up": moe.w_gate_up[e].detach(), "w_down": moe.w_down[e].detach()})
-            items.append((ExpertKey(moe.layer_index, e), flat, 0))
-    return items
+from tests.helpers import CFG, assert_same_experts, assert_same_gradients, local_records
 
 
 def build_store(tmp_path: Path, layout: ExpertLayout, hot_slots: int, dram_records: int):
@@ -60,7 +49,7 @@ def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path
         torch.testing.assert_close(out_tiered.logits, out_local.logits, atol=1e-5, rtol=1e-5)
         out_local.loss.backward()
         out_tiered.loss.backward()
-        _assert_same_gradients(local, tiered, source)
+        assert_same_gradients(local, tiered, source)
         opt_local.step()
         opt_tiered.step()
         source.apply_optimizer(tc.lr, tc.weight_decay, BETAS, EPS)
@@ -74,36 +63,7 @@ def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path
 
     assert hot.stats()["evictions"] > 0 and dram.stats()["evictions"] > 0
     hot.flush()
-    _assert_same_experts(local, opt_local, nvme, layout)
-
-
-def _assert_same_gradients(local: HRMACTv1, tiered: HRMACTv1, source: TieredExperts) -> None:
-    tiered_params = dict(tiered.named_parameters())
-    for name, param in local.named_parameters():
-        if ".ffn.w_" in name:
-            continue
-        torch.testing.assert_close(tiered_params[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
-    for moe in local.moe_layers():
-        for e in range(moe.num_experts):
-            key = ExpertKey(moe.layer_index, e)
-            if key in source.leaves:
-                torch.testing.assert_close(source.leaves[key][0].grad, moe.w_gate_up.grad[e], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(source.leaves[key][1].grad, moe.w_down.grad[e], atol=1e-5, rtol=1e-4)
-            else:
-                assert not moe.w_gate_up.grad[e].any()  # unused locally too
-
-
-def _assert_same_experts(local: HRMACTv1, opt_local, nvme: NvmeStore, layout: ExpertLayout) -> None:
-    for moe in local.moe_layers():
-        state_gu, state_dn = opt_local.state[moe.w_gate_up], opt_local.state[moe.w_down]
-        for e in range(moe.num_experts):
-            flat, _version = nvme.read(ExpertKey(moe.layer_index, e))
-            views = layout.views(torch.from_numpy(np.array(flat)))
-            torch.testing.assert_close(views["w_gate_up"], moe.w_gate_up[e].detach(), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(views["w_down"], moe.w_down[e].detach(), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(views["exp_avg.w_gate_up"], state_gu["exp_avg"][e], atol=1e-6, rtol=1e-4)
-            torch.testing.assert_close(views["exp_avg_sq.w_down"], state_dn["exp_avg_sq"][e], atol=1e-7, rtol=1e-4)
-            assert views["step"].item() == state_gu["step"][e].item()
+    assert_same_experts(local, opt_local, nvme, layout)
 
 
 def test_a_leased_slot_is_never_evicted_and_the_slab_is_shared(tmp_path: Path):
@@ -131,7 +91,7 @@ def test_trainer_with_tiered_experts_matches_local_experts(tmp_path: Path):
     from aios_ray.tracking.jsonl import read_metrics
     from aios_ray.train.bundle import load_tensors
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config
 
     def losses(plan) -> list[float]:
         return [e["train_loss"] for e in read_metrics(Path(plan.log_file)) if e["event"] == "train"]
@@ -153,7 +113,7 @@ def test_trainer_with_tiered_experts_matches_local_experts(tmp_path: Path):
 def test_a_hot_tier_smaller_than_one_step_is_a_clear_error(tmp_path: Path):
     from aios_ray.store.tiered_experts import HotTierTooSmall
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config
 
     with pytest.raises(HotTierTooSmall, match="raise --capacity-gpu"):
         run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=2))
@@ -162,7 +122,7 @@ def test_a_hot_tier_smaller_than_one_step_is_a_clear_error(tmp_path: Path):
 def test_store_stats_command_prints_each_tier(tmp_path: Path, capsys):
     from aios_ray.cli import main
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config
 
     plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4))
     capsys.readouterr()
@@ -217,10 +177,12 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
 
 def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
     """Updates evicted all the way to NVMe after a flush are staged there; recovery discards them."""
+    from aios_ray.config import StoreConfig
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(tmp_path / "store", layout, capacity_gpu=1, capacity_dram=1, name="reset")
+    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="reset", device="cpu",
+                                   capacity_gpu=1, capacity_dram=1), layout)
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.zeros(layout.numel, dtype=np.float32), 0) for k in keys])
 
@@ -248,11 +210,13 @@ def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
 def test_revert_keeps_what_is_cached_at_its_flushed_version(tmp_path: Path, monkeypatch):
     """A training worker that restarts from its checkpoint finds the experts unchanged since then still hot;
     an expert whose update died half-way (version bumped before the write) is dropped and reloaded."""
+    from aios_ray.config import StoreConfig
     from aios_ray.store import tiered_experts
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(tmp_path / "store", layout, capacity_gpu=4, capacity_dram=4, name="revert")
+    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="revert", device="cpu",
+                                   capacity_gpu=4, capacity_dram=4), layout)
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
 
@@ -328,7 +292,7 @@ def _write_through_shared_slab(info: dict, slot: int, value: float) -> None:
     torch.cuda.synchronize()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+@pytest.mark.gpu  # CUDA IPC needs a GPU
 def test_cuda_slab_is_shared_with_another_process_zero_copy():
     """The GPU twin of the shared-memory slab: another process maps the slots through a CUDA IPC handle and
     its writes land in the owner's device memory."""
@@ -375,7 +339,7 @@ def test_tiered_experts_take_the_grouped_path_over_the_slab_without_copying_weig
     out_local.loss.backward()
     out_tiered.loss.backward()
     torch.testing.assert_close(out_tiered.logits, out_local.logits, atol=1e-5, rtol=1e-5)
-    _assert_same_gradients(local, tiered, source)
+    assert_same_gradients(local, tiered, source)
     slab_storage = slab.tensor.untyped_storage().data_ptr()
     assert weight_storages.count(slab_storage) == len(weight_storages) // 2  # tiered calls: every one on the slab
     source.end_step()
@@ -388,10 +352,10 @@ def test_plot_draws_the_store_hit_rate_per_interval(tmp_path: Path):
 
     from aios_ray.tracking.plots import plot_run, store_series
     from aios_ray.train.run import run_training
-    from tests.conftest import debug_config
+    from tests.helpers import debug_config
 
     plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4,
-                                        store_stats_interval=2))
+                                        stats_interval=2))
     events = [json.loads(line) for line in Path(plan.log_file).read_text().splitlines()]
     stats = [e for e in events if e["event"] == "store_stats"]
     hot = [next(t for t in e["tiers"] if t["tier"] == "hot") for e in stats]

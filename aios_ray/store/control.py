@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from aios_ray.config import StoreConfig
 from aios_ray.store.nvme import NvmeStore
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import CudaSlab, HotSlab, Slab, slab_path
@@ -44,14 +45,17 @@ def revert_counts(committed: dict[ExpertKey, int], hot: Any, dram: Any) -> dict[
 
 
 class LocalStore:
-    def __init__(self, root: Path, layout: ExpertLayout, capacity_gpu: int, capacity_dram: int, name: str,
-                 device: str = "cpu") -> None:
-        self.layout = layout
+    """The store of a resolved ``StoreConfig`` (see ``StoreConfig.resolved``), all tiers in this process."""
+
+    def __init__(self, config: StoreConfig, layout: ExpertLayout) -> None:
+        self.config, self.layout = config, layout
+        root = Path(str(config.path))
         self.nvme = NvmeStore(root, layout)
-        self.dram = DramTier(capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
-        self.slab: HotSlab = (CudaSlab.allocate(capacity_gpu, layout.numel, torch.device(device))
-                              if device.startswith("cuda")
-                              else Slab(slab_path("local", name, str(root)), capacity_gpu, layout.numel, create=True))
+        self.dram = DramTier(config.capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
+        self.slab: HotSlab = (CudaSlab.allocate(config.capacity_gpu, layout.numel, torch.device(config.device))
+                              if config.device.startswith("cuda")
+                              else Slab(slab_path("local", str(config.name), str(root)), config.capacity_gpu,
+                                        layout.numel, create=True))
         self.hot = HotTier(self.slab, layout, self.dram)
 
     def experts_client(self) -> TieredExperts:

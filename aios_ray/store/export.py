@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from aios_ray.config import ModelConfig
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.tiers import Item
@@ -14,6 +15,13 @@ from aios_ray.store.tiers import Item
 
 def expert_layout(model: HRMACTv1) -> ExpertLayout:
     return ExpertLayout(model.cfg.hidden_size, model.cfg.ffn_size)
+
+
+def count_experts(model_cfg: ModelConfig) -> int:
+    """How many experts a model of this config has, asked of the model itself (built on the meta device:
+    no memory, no initialisation cost), so that nothing recounts its layers by hand."""
+    with torch.device("meta"):
+        return len(expert_keys(HRMACTv1(model_cfg)))
 
 
 def expert_keys(model: HRMACTv1) -> list[ExpertKey]:

@@ -1,4 +1,6 @@
-"""``aios-ray store stats``: per-tier occupancy, hit rates and bytes moved of a running or finished store."""
+"""``aios-ray store stats``: per-tier occupancy, hit rates and bytes moved of a finished store (read from its
+directory) and the table for any store; a running store's counters come from its actors
+(``actors.tier_actors.live_store_stats``)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError
 from aios_ray.store.nvme import SNAPSHOTS
 
@@ -13,8 +16,9 @@ COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "prefetch
            "MB_out", "stall_s")
 
 
-def finished_store_stats(store_path: Path) -> dict[str, Any]:
-    """The last stats the trainer wrote next to the store (``stats.json``)."""
+def finished_store_stats(config: StoreConfig) -> dict[str, Any]:
+    """The last stats the trainer wrote next to the store of ``config`` (``stats.json``)."""
+    store_path = Path(str(config.path))
     path = store_path / "stats.json"
     if not path.is_file():
         raise DataError(f"--store-path {store_path}: no stats.json (is it the expert_store of a tiered run?)")
@@ -24,20 +28,6 @@ def finished_store_stats(store_path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: corrupt JSON ({exc})") from None
     stats["snapshots"] = sorted(p.stem for p in (store_path / SNAPSHOTS).glob("*.json"))
     return stats
-
-
-def live_store_stats(name: str, namespace: str, address: str | None) -> dict[str, Any]:
-    """Ask the running store actors (found by name) for their counters."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or "auto", namespace=namespace, log_to_driver=False)
-    try:
-        gpu = ray.get_actor(f"{name}-gpu0", namespace=namespace)
-        dram = ray.get_actor(f"{name}-dram", namespace=namespace)
-    except ValueError:
-        raise DataError(f"--name {name}: no running store actors in namespace {namespace!r}") from None
-    return {"tiers": ray.get([gpu.stats.remote(), dram.stats.remote()])}
 
 
 def format_table(stats: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from aios_ray.durable import atomic_write_bytes
+
 
 class MetricsLog:
     """Appends one JSON object per line; each line is flushed so a crash loses at most one line."""
@@ -26,6 +28,31 @@ class MetricsLog:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self._file.flush()
+
+    def rewind(self, step: int) -> tuple[int, int]:
+        """Drop every line about a step after ``step`` (those steps are about to run again), so that the log
+        holds each step once. Returns (lines dropped, the last step the log had reached). The file is
+        replaced atomically: a crash here leaves the old log or the rewound one."""
+        if self._file is None or self.path is None:
+            return 0, step
+        self._file.close()
+        kept, dropped, last = [], 0, step
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the crash that forced the replay
+                dropped += 1
+                continue
+            line_step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(line_step, int) and line_step > step:
+                dropped += 1
+                last = max(last, line_step)
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+        self._file = self.path.open("a", encoding="utf-8")
+        return dropped, last
 
     def close(self) -> None:
         if self._file is not None:

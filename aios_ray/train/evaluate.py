@@ -1,4 +1,5 @@
-"""``aios-ray eval``: a bundle's next-token loss and perplexity on a text file."""
+"""Evaluation: the loss the trainer reports, and ``aios-ray eval`` (a bundle's next-token loss and perplexity on
+a text file)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from aios_ray.data.dataset import eval_batches, tokenize_documents
 from aios_ray.data.text import read_documents
@@ -13,7 +15,22 @@ from aios_ray.data.tokenizer import eos_id, load_tokenizer
 from aios_ray.errors import BundleError, ConfigError
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.train.bundle import MODEL_FILE, is_bundle, load_model_weights, read_model_config
-from aios_ray.train.loop import evaluate_loss
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  amp: bool) -> float:
+    """Mean next-token loss over ``batches``, in eval mode (every ACT segment runs, no token is dropped)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids, labels in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(ids.to(device), labels.to(device))
+        total += float(out.lm_loss) * len(ids)
+        count += len(ids)
+    model.train(was_training)
+    return total / count
 
 
 def load_bundle_model(root: Path) -> HRMACTv1:

@@ -1,130 +1,45 @@
 """The one training function: local runs, Ray Train workers and Tune trials all call ``train_worker``.
 
 Per optimizer step (nanoGPT shape): schedule -> micro-batches (forward, backward) -> clip -> step
--> log -> stop file? -> eval / expert usage / checkpoint when due. Ray is reached only through the
-``WorkerContext`` passed in, so this module never imports ray.
+-> log -> stop file? -> eval / expert usage / checkpoint when due. Where the experts live is the
+expert backend's business (``aios_ray.store.backend``): the loop calls it at the same points whatever
+it is. Ray is reached only through the ``WorkerContext`` passed in, so this module never imports ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from aios_ray.config import Config
-from aios_ray.data.dataset import BlockSampler, SamplerState, eval_batches
+from aios_ray.data.dataset import BlockSampler, eval_batches
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
-from aios_ray.store.control import StoreControl
+from aios_ray.store.backend import ExpertBackend, ResumePoint, Workers, open_backend
 from aios_ray.tracking.jsonl import MetricsLog, Progress, say
-from aios_ray.train.bundle import (
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    TRAINER_STATE_FILE,
-    Bundle,
-    checkpoint_name,
-    load_model_weights,
-    load_tensors,
-    now,
-    read_json,
+from aios_ray.train.bundle import MODEL_FILE, Bundle, load_model_weights, now
+from aios_ray.train.checkpointing import (
+    TrainerState,
+    checkpoint_files,
+    checkpoint_step,
+    load_training_state,
+    resume_source,
+    store_snapshot,
 )
-from aios_ray.train.optim import build_optimizer, lr_at, optimizer_from_tensors, optimizer_to_tensors
-from aios_ray.train.tiered import StoreSpec, TieredRun, Workers
+from aios_ray.train.context import WorkerContext
+from aios_ray.train.evaluate import evaluate_loss
+from aios_ray.train.optim import build_optimizer, lr_at
+from aios_ray.train.plan import RunPlan, TrainData
 
 
-class WorkerContext(Protocol):
-    """What the loop needs from its surroundings (plain process, Ray Train worker, Tune trial)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def wrap_model(self, model: nn.Module) -> nn.Module: ...
-    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
-    def any_rank(self, flag: bool) -> bool: ...
-    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
-    def open_expert_store(self, spec: StoreSpec) -> StoreControl: ...
-
-
-class LocalContext:
-    """A single process without Ray (tests, --no-ray)."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, use_gpu: bool = False) -> None:
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        return None
-
-    def any_rank(self, flag: bool) -> bool:
-        return flag
-
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[Path | None]:
-        yield None
-
-    def open_expert_store(self, spec: StoreSpec) -> StoreControl:
-        """Without Ray the same tier classes run in this process."""
-        from aios_ray.store.control import LocalStore
-
-        device = str(self.device) if spec.device == "cuda" else "cpu"
-        return LocalStore(spec.path, spec.layout, spec.capacity_gpu, spec.capacity_dram, spec.name, device)
-
-
-@dataclass
-class TrainData:
-    """Everything tokenised on the driver; shipped to workers once (Ray's object store, zero-copy)."""
-
-    train_tokens: np.ndarray
-    eval_tokens: np.ndarray | None
-    tokenizer_json: str
-    dataset: dict[str, Any]  # description recorded in the bundle's dataset history
-
-
-@dataclass
-class RunPlan:
-    """The resolved run: config (vocab size filled in), where the bundle lives, what to resume."""
-
-    config: Config
-    bundle_root: str
-    log_file: str
-    stop_file: str
-    resume_from: str | None = None  # checkpoint directory
-    metadata: dict[str, Any] = field(default_factory=dict)  # existing bundle metadata when resuming
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # cumulative optimizer steps of the brain
-    round: int = 0  # --iterate rounds completed
-    round_step: int = 0  # steps into the current round (drives the LR schedule)
-    micro_batch: int = 0  # sequences per forward; halves on out-of-memory
-    sampler: SamplerState = field(default_factory=SamplerState)
-
-
-class TierRestarted(RuntimeError):
-    """A tier actor of the expert store restarted during a step: the step must be replayed."""
-
-
-def _store_snapshot(checkpoint: Path | None) -> str | None:
-    """The expert store snapshot a checkpoint was written with (None: no checkpoint, or one without)."""
-    if checkpoint is None:
-        return None
-    return read_json(checkpoint / TRAINER_STATE_FILE).get("expert_store_snapshot")
+class BackendRestarted(RuntimeError):
+    """A part of the expert backend (a tier actor of the store) restarted during a step: replay the step."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -143,16 +58,18 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = HRMACTv1(self.cfg.model).to(ctx.device)
         self.state = TrainerState(micro_batch=tc.batch_size)
-        self.tiered: TieredRun | None = None
+        self.bundle = Bundle(Path(plan.bundle_root))
         with self.ctx.restored_checkpoint() as ray_checkpoint:
-            source = ray_checkpoint or (Path(plan.resume_from) if plan.resume_from else None)
+            source = resume_source(ray_checkpoint, self.bundle, plan.run_id, plan.resume_from)
             if source is not None:
                 load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
-            if tc.experts == "tiered":
-                self.tiered = self._open_tiered(source)
+            self.experts: ExpertBackend = open_backend(
+                self.model, self.cfg.store, ctx.open_expert_store, weight_decay=tc.weight_decay,
+                keep_checkpoints=tc.keep_checkpoints, workers=Workers(ctx.rank, ctx.world_size),
+                resume=ResumePoint(source is not None, store_snapshot(source)))
             self.optimizer = build_optimizer(self.model, tc)
             if source is not None:
-                self.load_training_state(source)
+                self.state = load_training_state(source, self.optimizer, ctx.device, tc.batch_size)
         self.resumed = source is not None
         self.train_model = ctx.wrap_model(self.model)
         self.sampler = BlockSampler(data.train_tokens, self.cfg.model.max_seq_len, tc.batch_size, tc.seed,
@@ -160,61 +77,36 @@ class Trainer:
         self.eval_data = (eval_batches(data.eval_tokens, self.cfg.model.max_seq_len, tc.batch_size,
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches
                           else [])
-        self.bundle = Bundle(Path(plan.bundle_root))
         self.metadata = dict(plan.metadata)
         self.log = MetricsLog(Path(plan.log_file) if self.is_chief else None)
+        if self.resumed:
+            self._rewind_log(source, "resumed from a checkpoint")
         self.usage = RoutingLog()
         self.last_eval: dict[str, float] = {}
 
-    # ---- state ---------------------------------------------------------------------------------
-    def _open_tiered(self, checkpoint: Path | None) -> TieredRun:
-        spec = StoreSpec.for_run(self.cfg, self.plan.bundle_root)
-        return TieredRun(self.model, self.ctx.open_expert_store(spec), self.cfg, spec.path,
-                         resumed=checkpoint is not None, snapshot=_store_snapshot(checkpoint),
-                         workers=Workers(self.ctx.rank, self.ctx.world_size))
-
-    def load_training_state(self, path: Path) -> None:
-        """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
-        tensors = load_tensors(path / OPTIMIZER_FILE)
-        state = read_json(path / TRAINER_STATE_FILE)
-        optimizer_from_tensors(self.optimizer, tensors, state["param_groups"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if torch.cuda.is_available() and "rng.cuda" in tensors and self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.ctx.device)
-        trainer = state["trainer"]
-        self.state = TrainerState(step=trainer["step"], round=trainer["round"], round_step=trainer["round_step"],
-                                  micro_batch=min(trainer["micro_batch"], self.cfg.train.batch_size),
-                                  sampler=SamplerState(**trainer["sampler"]))
-
-    def checkpoint_files(self) -> dict[str, bytes]:
-        from safetensors.torch import save as to_bytes
-
-        tensors, groups = optimizer_to_tensors(self.optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if self.ctx.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.ctx.device)
-        self.state.sampler = self.sampler.state
-        trainer_state = {"trainer": asdict(self.state), "param_groups": groups, "saved_at": now()}
-        model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        if self.tiered is not None:
-            trainer_state["expert_store_snapshot"] = checkpoint_name(self.state.step)
-            model_state.update(self.tiered.export_weights(checkpoint_name(self.state.step)))
-        return {
-            MODEL_FILE: to_bytes(model_state),
-            OPTIMIZER_FILE: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
-            TRAINER_STATE_FILE: json.dumps(trainer_state, indent=2).encode(),
-        }
-
+    # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         path = None
+        self.state.sampler = self.sampler.state
         if self.is_chief:
-            path = self.bundle.write_checkpoint(self.state.step, self.checkpoint_files(),
-                                                self.cfg.train.keep_checkpoints)
+            files = checkpoint_files(self.model, self.optimizer, self.state, self.experts, self.ctx.device,
+                                     self.plan.run_id)
+            path = self.bundle.write_checkpoint(self.state.step, files, self.cfg.train.keep_checkpoints)
             self.metadata["total_steps"] = self.state.step
             self.metadata["dataset_history"][-1]["steps_end"] = self.state.step
             self.bundle.publish(path, self.metadata)
             self.log.write("checkpoint", step=self.state.step, path=str(path))
         self.ctx.report({**metrics, "step": self.state.step}, path)
+
+    def _rewind_log(self, checkpoint: Path, why: str) -> None:
+        """Steps after the checkpoint will be run again: their lines go, so the log holds each step once."""
+        step = checkpoint_step(checkpoint)
+        dropped, last_logged = self.log.rewind(step)
+        if dropped:
+            self.log.write("restart", step=step, reason=why, checkpoint=str(checkpoint),
+                           last_logged_step=last_logged, steps_replayed=last_logged - step, lines_replaced=dropped)
+            if self.is_chief:
+                say(f"restart: {why} at step {step} ({checkpoint}); steps {step + 1}..{last_logged} run again")
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -252,25 +144,20 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         total_sequences = sum(len(ids) for ids, _ in batches)
-        if self.tiered is not None:
-            self.tiered.begin_step()
+        self.experts.begin_step()
         try:
             sums = self._forward_backward(batches, total_sequences)
-            if self.tiered is not None:
-                self.tiered.synchronize_gradients()  # experts are not DDP parameters: averaged here
-            params = list(self.model.parameters()) + (self.tiered.parameters() if self.tiered else [])
+            self.experts.after_backward()  # experts the model does not own are averaged here, not by DDP
+            params = list(self.model.parameters()) + self.experts.parameters()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
             self.optimizer.step()
-            if self.tiered is not None:
-                self.tiered.apply_optimizer(lr)  # the same AdamW arithmetic, in the leased slots
+            self.experts.step(lr)  # the same AdamW arithmetic for the experts the backend holds
         except BaseException as exc:
-            if self.tiered is not None:
-                self.tiered.abort_step()
-                if self.tiered.failed():  # a tier actor restarted under this step
-                    raise TierRestarted(str(exc)[:200]) from exc
+            self.experts.abort_step()
+            if self.experts.failed():  # a tier actor restarted under this step
+                raise BackendRestarted(str(exc)[:200]) from exc
             raise
-        if self.tiered is not None:
-            self.tiered.end_step(self.state.step + 1)
+        self.experts.end_step(self.state.step + 1)
         elapsed = time.perf_counter() - started
         tokens = total_sequences * self.cfg.model.max_seq_len * self.ctx.world_size
         return {
@@ -310,13 +197,8 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Mean next-token loss over the fixed eval batches, every ACT segment run."""
-        if self.tiered is not None:
-            self.tiered.experts.begin_step()
-        try:
+        with self.experts.evaluating():
             loss = evaluate_loss(self.model, self.eval_data, self.ctx.device, self.cfg.train.amp)
-        finally:
-            if self.tiered is not None:
-                self.tiered.experts.end_step()
         result = {"eval_loss": loss, "ppl": math.exp(min(loss, 50.0))}
         self.log.write("eval", step=self.state.step, **result)
         if self.is_chief:
@@ -336,41 +218,24 @@ class Trainer:
         self._start()
         if self.state.round_step >= tc.steps:  # resumed at the end of a round: begin a new one
             self._next_round()
-        steps_this_run = tc.steps - self.state.round_step
-        progress = Progress(steps_this_run)
+        progress = Progress(tc.steps - self.state.round_step)
         if self.eval_data and not self.resumed:
             self.evaluate()  # step-0 baseline
-        if self.tiered is not None and not self.resumed:
-            self.save_checkpoint({})  # the first flush: a tier failure before the next one replays from here
+        if self.experts.needs_first_checkpoint and not self.resumed:
+            self.save_checkpoint({})  # the first flush: a backend failure before the next one replays from here
         metrics: dict[str, float] = {}
         while True:
-            try:
-                metrics = self.train_step()
-                # every worker must take the same branch: one that recovers alone would wait forever
-                restarted = self.tiered is not None and self.ctx.any_rank(self.tiered.failed())
-            except TierRestarted:
-                restarted = True
-            if restarted:
-                self._recover_store()
+            metrics = self._step_or_recover()
+            if not metrics:
                 continue
             self.state.step += 1
             self.state.round_step += 1
             self.log.write("train", step=self.state.step, **metrics)
-            if self.is_chief and (self.state.step % tc.log_interval == 0 or self.state.round_step == tc.steps):
-                progress.update(self.state.step, metrics)
-            elif self.is_chief:
-                progress.done += 1
+            self._show_progress(progress, metrics)
             stop = self.ctx.any_rank(Path(self.plan.stop_file).exists())
             end_of_round = self.state.round_step >= tc.steps
             final = stop or (end_of_round and not tc.iterate)
-            if self.eval_data and (self.state.step % tc.eval_interval == 0 or final):
-                metrics.update(self.evaluate())
-            if self.cfg.model.use_moe and (self.state.step % tc.expert_usage_interval == 0 or final):
-                self.log_expert_usage()
-            if self.tiered is not None and (self.state.step % tc.store_stats_interval == 0 or final):
-                self.log.write("store_stats", **self.tiered.stats(self.state.step))
-            if self.state.step % tc.checkpoint_interval == 0 or final or end_of_round:
-                self.save_checkpoint(metrics)
+            self._after_step(metrics, final, end_of_round)
             if final:
                 break
             if end_of_round:
@@ -378,19 +243,53 @@ class Trainer:
                 progress = Progress(tc.steps)
         return self._finish(stop, metrics)
 
-    def _recover_store(self) -> None:
+    def _step_or_recover(self) -> dict[str, float]:
+        """One optimizer step; {} when the backend failed under it and the run went back to a checkpoint."""
+        try:
+            metrics = self.train_step()
+            # every worker must take the same branch: one that recovers alone would wait forever
+            if not self.ctx.any_rank(self.experts.failed()):
+                return metrics
+        except BackendRestarted:
+            pass
+        self._recover_backend()
+        return {}
+
+    def _show_progress(self, progress: Progress, metrics: dict[str, float]) -> None:
+        if not self.is_chief:
+            return
+        if self.state.step % self.cfg.train.log_interval == 0 or self.state.round_step == self.cfg.train.steps:
+            progress.update(self.state.step, metrics)
+        else:
+            progress.done += 1
+
+    def _after_step(self, metrics: dict[str, float], final: bool, end_of_round: bool) -> None:
+        """Evaluation, expert usage, store counters and checkpoints, each when it is due."""
+        tc, step = self.cfg.train, self.state.step
+        if self.eval_data and (step % tc.eval_interval == 0 or final):
+            metrics.update(self.evaluate())
+        if self.cfg.model.use_moe and (step % tc.expert_usage_interval == 0 or final):
+            self.log_expert_usage()
+        if step % self.cfg.store.stats_interval == 0 or final:
+            stats = self.experts.stats(step)
+            if stats is not None:
+                self.log.write("store_stats", **stats)
+        if step % tc.checkpoint_interval == 0 or final or end_of_round:
+            self.save_checkpoint(metrics)
+
+    def _recover_backend(self) -> None:
         """A tier actor restarted: its unflushed updates are gone. Roll back to the last flush (= the last
         checkpoint) and replay the steps since, which see the same data, schedule and RNG as before."""
-        assert self.tiered is not None
         lost_at = self.state.step + 1
         checkpoint = self.bundle.latest_checkpoint()
-        counts = self.tiered.recover(_store_snapshot(checkpoint))
+        counts = self.experts.recover(store_snapshot(checkpoint))
         load_model_weights(self.model, checkpoint / MODEL_FILE, skip_experts=True)
-        self.load_training_state(checkpoint)
+        self.state = load_training_state(checkpoint, self.optimizer, self.ctx.device, self.cfg.train.batch_size)
         self.sampler.restore(self.state.sampler)
         replayed = lost_at - self.state.step
         say(f"expert store: a tier actor restarted during step {lost_at}; resumed from the flush at step "
             f"{self.state.step}, replaying {replayed} step(s)")
+        self._rewind_log(checkpoint, "an expert store tier restarted")
         self.log.write("store_recovery", step=self.state.step, failed_step=lost_at, steps_replayed=replayed,
                        **counts)
 
@@ -408,7 +307,7 @@ class Trainer:
                 f"{self.ctx.world_size} worker(s) on {self.ctx.device}")
         self.log.write("run_start", step=self.state.step, resumed=self.resumed, parameters=params,
                        world_size=self.ctx.world_size, config=self.cfg.to_dict(), bundle=self.plan.bundle_root)
-        reopened = self.tiered.reopened if self.tiered is not None else None
+        reopened = self.experts.reopened()
         if reopened is not None and self.is_chief:
             say(f"expert store: resumed at the flush of step {self.state.step}; {reopened['hot_kept']} expert(s) "
                 f"still hot at that version were re-mapped, {reopened['hot_dropped']} newer one(s) dropped")
@@ -429,21 +328,6 @@ class Trainer:
         self.log.write("run_end", step=self.state.step, stopped=stopped, **self.last_eval)
         self.log.close()
         return {"step": self.state.step, "stopped": stopped, **metrics, **self.last_eval}
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                  amp: bool) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for ids, labels in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(ids.to(device), labels.to(device))
-        total += float(out.lm_loss) * len(ids)
-        count += len(ids)
-    model.train(was_training)
-    return total / count
 
 
 def train_worker(plan: RunPlan, data: TrainData, ctx: WorkerContext) -> dict[str, Any]:

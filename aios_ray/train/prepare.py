@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from aios_ray.data.text import SAMPLE_EVAL, SAMPLE_TRAIN, read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from aios_ray.errors import BundleError, DataError
 from aios_ray.model.hrm import HRMACTv1
+from aios_ray.store.export import count_experts
 from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights, read_model_config
-from aios_ray.train.loop import RunPlan, TrainData
+from aios_ray.train.plan import RunPlan, TrainData
 
 
 def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
@@ -50,12 +52,15 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
                               f"or choose another --brain-name")
         checkpoint, metadata = None, {"name": tc.brain_name}
     cfg = dataclasses.replace(cfg, model=model_cfg)
+    bundle_root = bundle_root.resolve()
+    if cfg.store.tiered:  # every run-dependent default of the store filled in once, here
+        store = cfg.store.resolved(bundle_root, tc.brain_name, count_experts(model_cfg), cfg.cluster.use_gpu)
+        cfg = dataclasses.replace(cfg, store=store)
 
     eos = eos_id(tokenizer)
     train_tokens = tokenize_documents(tokenizer, train_docs, eos)
     eval_tokens = tokenize_documents(tokenizer, eval_docs, eos) if eval_docs else None
     _check_sizes(cfg, train_tokens, eval_tokens)
-    bundle_root = bundle_root.resolve()
     plan = RunPlan(
         config=cfg,
         bundle_root=str(bundle_root),
@@ -63,6 +68,7 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
         stop_file=str(Path(tc.stop_file).resolve()) if tc.stop_file else str(bundle_root / "STOP"),
         resume_from=str(checkpoint) if checkpoint else None,
         metadata=metadata,
+        run_id=uuid.uuid4().hex,
     )
     data = TrainData(train_tokens, eval_tokens, tokenizer.to_str(), _describe(train_path, train_docs,
                                                                               train_tokens, eval_path))

@@ -21,10 +21,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
-from aios_ray.config import Config
+from aios_ray.config import Config, StoreConfig
+from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import say
-from aios_ray.train.loop import RunPlan, TrainData, train_worker
-from aios_ray.train.tiered import StoreSpec
+from aios_ray.train.loop import train_worker
+from aios_ray.train.plan import RunPlan, TrainData
 
 
 class RayTrainContext:
@@ -63,27 +64,13 @@ class RayTrainContext:
             say(f"resuming from Ray Train checkpoint {directory}")
             yield Path(directory)
 
+    def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> Any:
+        """The store's actors, found again by name or created on this node (where this worker maps the hot
+        slab), detached: they outlive a worker that Ray Train restarts, and ``fit_on_ray`` ends them when the
+        run ends."""
+        from actors.tier_actors import create_store
 
-    def open_expert_store(self, spec: StoreSpec) -> Any:
-        """The store's actors, found again by name (the driver created them: they outlive this worker)."""
-        return open_store_actors(spec)
-
-
-def store_config(spec: StoreSpec) -> Any:
-    from actors.tier_actors import StoreConfig
-
-    return StoreConfig(name=spec.name, store_path=str(spec.path), hidden_size=spec.layout.hidden_size,
-                       ffn_size=spec.layout.ffn_size, capacity_gpu=spec.capacity_gpu,
-                       capacity_dram=spec.capacity_dram, device=spec.device)
-
-
-def open_store_actors(spec: StoreSpec) -> Any:
-    """The store's actors for ``spec``, found again by name or created on this node (where the training
-    worker maps the hot slab), detached: they outlive a worker that Ray Train restarts, and ``fit_on_ray``
-    ends them when the run ends."""
-    from actors.tier_actors import create_store
-
-    return create_store(store_config(spec), node_id=ray.get_runtime_context().get_node_id(), detached=True)
+        return create_store(config, layout, node_id=ray.get_runtime_context().get_node_id(), detached=True)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -109,7 +96,7 @@ def _inside_ray_job() -> bool:
 def _worker_resources(cfg: Config) -> dict[str, float]:
     """One CPU; on GPUs with tiered experts, a GPU less the GPU cache actor's share, so that on a one-GPU
     node the worker and the cache actor share that GPU (CUDA IPC needs the same device)."""
-    if cfg.cluster.use_gpu and cfg.train.experts == "tiered":
+    if cfg.cluster.use_gpu and cfg.store.tiered:
         from actors.tier_actors import GPU_CACHE_SHARE
 
         return {"CPU": 1, "GPU": 1 - GPU_CACHE_SHARE}
@@ -137,10 +124,10 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
     try:
         result = trainer.fit()
     finally:
-        if cfg.train.experts == "tiered":  # the workers created the store's actors detached: end them here
+        if cfg.store.tiered:  # the workers created the store's actors detached: end them here
             from actors.tier_actors import shutdown_store
 
-            shutdown_store(store_config(StoreSpec.for_run(cfg, plan.bundle_root)))
+            shutdown_store(cfg.store)
     summary = dict(result.metrics or {})
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary

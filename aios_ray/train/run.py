@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from aios_ray.config import Config
-from aios_ray.train.loop import LocalContext, RunPlan, TrainData, train_worker
+from aios_ray.train.context import LocalContext
+from aios_ray.train.loop import train_worker
+from aios_ray.train.plan import RunPlan, TrainData
 from aios_ray.train.prepare import prepare_run
 
 

@@ -1,0 +1,305 @@
+"""Where a training loop's experts live, behind one interface that any loop calls unconditionally.
+
+A loop (the text ``Trainer``, the RL learner) calls, per optimizer step::
+
+    backend.begin_step()
+    ... forward / backward ...            # the MoE layers ask the backend for expert weights
+    backend.after_backward()              # several workers: expert gradients averaged
+    clip over model.parameters() + backend.parameters()
+    optimizer.step(); backend.step(lr)    # experts the model does not own are updated here
+    backend.end_step(step)                # or backend.abort_step() when the step failed
+
+and at checkpoints ``backend.checkpoint(tag)`` (what to add to the checkpoint), after a failure
+``backend.failed()`` / ``backend.recover(snapshot)``, around evaluation ``with backend.evaluating():``.
+
+- ``LocalExperts``: the experts are ordinary parameters of the model; every call does nothing.
+- ``TieredBackend``: the experts live in the tiered store (hot slab -> DRAM -> NVMe). Per step it leases
+  the experts the MoE layers ask for, runs AdamW in their slots, releases, records which experts were used
+  and prefetches what the usage history predicts. At a checkpoint it flushes, snapshots the NVMe store
+  under the checkpoint's name and exports full weights. After a tier actor restarts, or on resume, the
+  store goes back to the checkpoint's snapshot and the loop replays from that checkpoint.
+
+``open_backend`` picks one from a ``StoreConfig``. No ray import: the store itself comes from an opener
+the caller passes (``LocalStore`` in-process, or the store's Ray actors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from aios_ray.adamw import BETAS, EPS
+from aios_ray.config import StoreConfig
+from aios_ray.durable import atomic_write_json
+from aios_ray.store.control import StoreControl
+from aios_ray.store.export import expert_keys, expert_layout, experts_state_dict, local_expert_records
+from aios_ray.store.policy import AccessHistory
+from aios_ray.store.record import ExpertKey, ExpertLayout
+
+HISTORY_STEPS = 4  # the usage-history predictor looks this many steps back
+
+StoreOpener = Callable[[StoreConfig, ExpertLayout], StoreControl]
+
+
+class ExpertBackend(Protocol):
+    """What a training loop calls; see the module docstring for when."""
+
+    #: the backend can only recover to a checkpoint: the loop writes one before its first step
+    needs_first_checkpoint: bool
+
+    def begin_step(self) -> None: ...
+    def parameters(self) -> list[torch.Tensor]: ...
+    def after_backward(self) -> None: ...
+    def step(self, lr: float) -> int: ...
+    def end_step(self, step: int) -> None: ...
+    def abort_step(self) -> None: ...
+    def evaluating(self) -> contextlib.AbstractContextManager[None]: ...
+    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+    def failed(self) -> bool: ...
+    def recover(self, snapshot: str | None) -> dict[str, int]: ...
+    def stats(self, step: int) -> dict[str, Any] | None: ...
+    def reopened(self) -> dict[str, int] | None: ...
+
+
+class LocalExperts:
+    """Experts are parameters of the model, updated by the loop's own optimizer: nothing to do."""
+
+    needs_first_checkpoint = False
+
+    def begin_step(self) -> None:
+        return None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def after_backward(self) -> None:
+        return None
+
+    def step(self, lr: float) -> int:
+        return 0
+
+    def end_step(self, step: int) -> None:
+        return None
+
+    def abort_step(self) -> None:
+        return None
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def failed(self) -> bool:
+        return False
+
+    def recover(self, snapshot: str | None) -> dict[str, int]:
+        return {}
+
+    def stats(self, step: int) -> dict[str, Any] | None:
+        return None
+
+    def reopened(self) -> dict[str, int] | None:
+        return None
+
+
+class Workers:
+    """The run's training workers as ``torch.distributed`` sees them (just this process without it).
+
+    With several workers on one node they all map the same hot slab: each computes on the shared slots, the
+    expert gradients are averaged across workers (as DDP averages the other parameters), and only the leader
+    (rank 0) writes the slots and tells the store; the others wait at a barrier so that nobody reads a slot
+    while it is being updated.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.many:
+            dist.barrier()
+
+    def union(self, keys: set[ExpertKey]) -> list[ExpertKey]:
+        """Every key any worker used, in one order that all workers share."""
+        if not self.many:
+            return sorted(keys)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted((k.layer, k.expert) for k in keys))
+        return sorted({ExpertKey(*pair) for part in gathered for pair in part})
+
+    def average_(self, flat: torch.Tensor) -> None:
+        if self.many:
+            dist.all_reduce(flat)
+            flat.div_(self.world_size)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: fresh (``resumed`` False), or from a checkpoint whose flush the store snapshot
+    ``snapshot`` holds (None for a checkpoint without one: the store's last flush)."""
+
+    resumed: bool = False
+    snapshot: str | None = None
+
+
+class TieredBackend:
+    def __init__(self, model: nn.Module, store: StoreControl, config: StoreConfig, *, weight_decay: float,
+                 keep_snapshots: int, resume: ResumePoint = ResumePoint(), workers: Workers | None = None) -> None:
+        self.model, self.store, self.config = model, store, config
+        self.weight_decay, self.keep_snapshots = weight_decay, keep_snapshots
+        self.store_path = Path(str(config.path))
+        self.workers = workers or Workers()
+        self.keys = expert_keys(model)
+        self._reopened: dict[str, int] | None = None  # what a resume found cached at the last flush
+        self.history = AccessHistory(HISTORY_STEPS)
+        self.step_index = 0
+        if self.workers.leader:
+            if not store.keys():
+                store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
+            elif resume.resumed:
+                # The caches may hold updates newer than the checkpoint we resume from (NVMe's last flush);
+                # what they hold at its flushed version stays hot for this (possibly restarted) worker.
+                self._reopened = store.revert(resume.snapshot)
+        self.workers.barrier()
+        self.experts = store.experts_client()
+        model.use_expert_source(self.experts)
+        self.incarnations = store.incarnations()
+        self.lease_calls_at_last_stats = 0
+
+    needs_first_checkpoint = True  # recovery rolls back to a checkpoint's flush: there must be one
+
+    # ---- per step ------------------------------------------------------------------------------
+    def predicted(self) -> list[ExpertKey]:
+        if not self.config.prefetch:
+            return []
+        layers = sorted({k.layer for k in self.keys})
+        return [ExpertKey(layer, e) for layer in layers for e in self.history.predict(layer)]
+
+    def begin_step(self) -> None:
+        self.experts.begin_step(self.predicted())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.experts.parameters()
+
+    def after_backward(self) -> None:
+        """Average the expert gradients over the workers (before clipping, like DDP's): every worker leases
+        the experts any worker used and holds the same gradients for them afterwards."""
+        if not self.workers.many:
+            return
+        keys = self.workers.union(self.experts.used)
+        for layer in sorted({k.layer for k in keys}):
+            self.experts.weights(layer, [k.expert for k in keys if k.layer == layer])
+        leaves = [leaf for key in keys for leaf in self.experts.leaves[key]]
+        for leaf in leaves:
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+        flat = torch.cat([leaf.grad.reshape(-1) for leaf in leaves])
+        self.workers.average_(flat)
+        offset = 0
+        for leaf in leaves:
+            leaf.grad.copy_(flat[offset:offset + leaf.numel()].view_as(leaf))
+            offset += leaf.numel()
+
+    def step(self, lr: float) -> int:
+        """AdamW in the slots by the leader; the others wait until the slots hold the new weights."""
+        updated = 0
+        if self.workers.leader:
+            updated = self.experts.apply_optimizer(lr, self.weight_decay, BETAS, EPS)
+        else:
+            self.experts.drop_gradients()
+        self.workers.barrier()
+        return updated
+
+    def end_step(self, step: int) -> None:
+        used: dict[int, list[int]] = {}
+        for key in self.experts.used:
+            used.setdefault(key.layer, []).append(key.expert)
+        for layer, experts in used.items():
+            self.history.record(step, layer, experts)
+        self.experts.end_step()
+        if self.config.prefetch and self.workers.leader:
+            for layer in used:
+                self.store.prefetch(layer, self.history.predict(layer))
+        self.step_index = step
+
+    def abort_step(self) -> None:
+        """A step that failed (out of memory) gives its leases back and drops its gradients."""
+        for leaf in self.experts.parameters():
+            leaf.grad = None
+        self.experts.end_step()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluation leases like a step and releases at the end (no optimizer, nothing dirty)."""
+        self.experts.begin_step()
+        try:
+            yield
+        finally:
+            self.experts.end_step()
+
+    # ---- durability ----------------------------------------------------------------------------
+    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Flush and snapshot the store under the checkpoint's name (a resume restores it), then read every
+        expert back from NVMe: the checkpoint's weights are complete and portable. One snapshot more than the
+        checkpoints kept stays, since Ray Train may resume from one checkpoint behind the bundle."""
+        self.store.snapshot(tag, keep=self.keep_snapshots)
+        weights = experts_state_dict(self.model, self.keys, self.store.read_all(self.keys))
+        return weights, {"expert_store_snapshot": tag}
+
+    def failed(self) -> bool:
+        """A tier actor restarted since we last looked: whatever it had not flushed is gone."""
+        return self.store.incarnations() != self.incarnations
+
+    def recover(self, snapshot: str | None) -> dict[str, int]:
+        """Back to the checkpoint's snapshot (cached records at other versions are dropped) and map the hot
+        slab again."""
+        counts = self.store.revert(snapshot) if self.workers.leader else {}
+        self.workers.barrier()
+        self.experts = self.store.experts_client()
+        self.model.use_expert_source(self.experts)
+        self.history = AccessHistory(HISTORY_STEPS)
+        self.incarnations = self.store.incarnations()
+        return counts
+
+    def reopened(self) -> dict[str, int] | None:
+        return self._reopened
+
+    # ---- observability -------------------------------------------------------------------------
+    def stats(self, step: int) -> dict[str, Any] | None:
+        tiers = self.store.stats()
+        lease_calls = self.experts.lease_calls - self.lease_calls_at_last_stats
+        self.lease_calls_at_last_stats = self.experts.lease_calls
+        union = self.history.union_size(step) if step in self.history.steps() else 0
+        record = {"step": step, "tiers": tiers, "experts_used_last_step": union, "lease_calls": lease_calls,
+                  "record_bytes": expert_layout(self.model).nbytes, "total_experts": len(self.keys)}
+        atomic_write_json(self.store_path / "stats.json", record)
+        return record
+
+
+def open_backend(model: nn.Module, config: StoreConfig, open_store: StoreOpener, *, weight_decay: float,
+                 keep_checkpoints: int, resume: ResumePoint = ResumePoint(),
+                 workers: Workers | None = None) -> ExpertBackend:
+    """The backend ``config`` asks for. ``open_store`` creates (or finds again) the store for a tiered one."""
+    if not config.tiered:
+        return LocalExperts()
+    if not config.is_resolved:
+        raise ValueError(f"store config {config} is not resolved (StoreConfig.resolved fills in its defaults)")
+    store = open_store(config, expert_layout(model))  # type: ignore[arg-type]
+    # One snapshot more than the checkpoints kept: Ray Train may resume from one checkpoint behind the bundle.
+    return TieredBackend(model, store, config, weight_decay=weight_decay, keep_snapshots=keep_checkpoints + 1,
+                         resume=resume, workers=workers)

@@ -1,0 +1,111 @@
+"""Checkpoints of a training run: what one holds, writing it, reading it back, and which one to resume.
+
+A checkpoint directory holds the complete weights (experts included, whatever backend held them),
+the optimizer state with the RNG states, and ``trainer_state.json`` (schedule position, data position,
+micro-batch, the expert store snapshot it was written with, and the run's id).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as to_bytes
+from torch import nn
+
+from aios_ray.data.dataset import SamplerState
+from aios_ray.errors import BundleError
+from aios_ray.store.backend import ExpertBackend
+from aios_ray.train.bundle import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
+    Bundle,
+    checkpoint_name,
+    load_tensors,
+    now,
+    read_json,
+)
+from aios_ray.train.optim import optimizer_from_tensors, optimizer_to_tensors
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # cumulative optimizer steps of the brain
+    round: int = 0  # --iterate rounds completed
+    round_step: int = 0  # steps into the current round (drives the LR schedule)
+    micro_batch: int = 0  # sequences per forward; halves on out-of-memory
+    sampler: SamplerState = field(default_factory=SamplerState)
+
+
+def store_snapshot(checkpoint: Path | None) -> str | None:
+    """The expert store snapshot a checkpoint was written with (None: no checkpoint, or one without)."""
+    if checkpoint is None:
+        return None
+    return read_json(checkpoint / TRAINER_STATE_FILE).get("expert_store_snapshot")
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(read_json(checkpoint / TRAINER_STATE_FILE)["trainer"]["step"])
+
+
+def checkpoint_files(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+                     backend: ExpertBackend, device: torch.device, run_id: str) -> dict[str, bytes]:
+    """The files of a checkpoint at ``state.step``; the backend adds the experts it holds (and flushes them)."""
+    tensors, groups = optimizer_to_tensors(optimizer)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    expert_weights, backend_state = backend.checkpoint(checkpoint_name(state.step))
+    model_state.update(expert_weights)
+    trainer_state = {"trainer": asdict(state), "param_groups": groups, "saved_at": now(), "run_id": run_id,
+                     **backend_state}
+    return {
+        MODEL_FILE: to_bytes(model_state),
+        OPTIMIZER_FILE: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
+        TRAINER_STATE_FILE: json.dumps(trainer_state, indent=2).encode(),
+    }
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer, device: torch.device,
+                        batch_size: int) -> TrainerState:
+    """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
+    tensors = load_tensors(path / OPTIMIZER_FILE)
+    state = read_json(path / TRAINER_STATE_FILE)
+    optimizer_from_tensors(optimizer, tensors, state["param_groups"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available() and "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    trainer = state["trainer"]
+    return TrainerState(step=trainer["step"], round=trainer["round"], round_step=trainer["round_step"],
+                        micro_batch=min(trainer["micro_batch"], batch_size), sampler=SamplerState(**trainer["sampler"]))
+
+
+def newest_checkpoint_of_run(bundle: Bundle, run_id: str) -> Path | None:
+    """The newest complete checkpoint in the bundle written by run ``run_id`` (None: none yet).
+
+    A checkpoint directory gets its final name only once complete, and its store snapshot is taken before
+    it is written, so any directory found here is whole and consistent with the store."""
+    if not run_id or not bundle.checkpoints.is_dir():
+        return None
+    for path in sorted(bundle.checkpoints.glob("step_*"), reverse=True):
+        try:
+            if read_json(path / TRAINER_STATE_FILE).get("run_id") == run_id and (path / MODEL_FILE).is_file() \
+                    and (path / OPTIMIZER_FILE).is_file():
+                return path
+        except BundleError:  # pruned while we looked, or not ours to judge: skip it
+            continue
+    return None
+
+
+def resume_source(restored: Path | None, bundle: Bundle, run_id: str, resume_from: str | None) -> Path | None:
+    """Where a (re)started worker resumes: the newest of the checkpoint Ray Train restored and this run's own
+    newest checkpoint in the bundle (Ray's controller may not have taken in the last report when a worker
+    died right after writing it); with neither, the bundle a new run resumes (``--model``), if any."""
+    candidates = [p for p in (restored, newest_checkpoint_of_run(bundle, run_id)) if p is not None]
+    if candidates:
+        return max(candidates, key=checkpoint_step)
+    return Path(resume_from) if resume_from else None

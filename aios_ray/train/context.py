@@ -1,0 +1,56 @@
+"""The worker context: what the training loop needs from its surroundings (a plain process, a Ray Train
+worker, a Tune trial). The loop reaches Ray only through it, so the loop never imports ray."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from aios_ray.config import StoreConfig
+from aios_ray.store.control import StoreControl
+from aios_ray.store.record import ExpertLayout
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap_model(self, model: nn.Module) -> nn.Module: ...
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+    def any_rank(self, flag: bool) -> bool: ...
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> StoreControl: ...
+
+
+class LocalContext:
+    """A single process without Ray (tests, --no-ray)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, use_gpu: bool = False) -> None:
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        return None
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Path | None]:
+        yield None
+
+    def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> StoreControl:
+        """Without Ray the same tier classes run in this process."""
+        from aios_ray.store.control import LocalStore
+
+        return LocalStore(config, layout)
