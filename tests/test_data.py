@@ -99,6 +99,18 @@ def test_sampler_resumes_exactly_and_splits_ranks():
     assert np.array_equal(rank0.next_batch()[0], seen[0]) and np.array_equal(rank1.next_batch()[0], seen[1])
 
 
+def test_two_ranks_of_batch_b_take_the_blocks_of_one_rank_of_batch_2b():
+    """DDP with 2 workers x B trains step by step on the global batches of 1 worker x 2B (rank 0 the first B rows,
+    rank 1 the next), across epoch boundaries: what tests/test_ray_train.py's equivalence rests on."""
+    tokens = np.arange(1000, dtype=np.int32)  # 111 blocks: 13 steps per epoch either way
+    single = BlockSampler(tokens, seq_len=9, batch_size=8, seed=7)
+    ranks = [BlockSampler(tokens, seq_len=9, batch_size=4, seed=7, rank=r, world_size=2) for r in range(2)]
+    for _ in range(40):
+        whole = single.next_batch()[0]
+        assert np.array_equal(np.concatenate([rank.next_batch()[0] for rank in ranks]), whole)
+    assert single.state.epoch == ranks[0].state.epoch == 3
+
+
 def test_too_little_data_is_a_data_error():
     with pytest.raises(DataError, match="training data too small"):
         BlockSampler(np.arange(20, dtype=np.int32), seq_len=8, batch_size=4, seed=0)

@@ -48,12 +48,14 @@ def test_two_workers_train_data_parallel_like_one_worker_with_twice_the_batch(ra
     measured 1e-6 on losses and norms and a few 1e-6 on weights. Not compared: the logged train_loss,
     lm_loss and mean_halt_steps, which under DDP are rank 0's shard's only."""
     train = {"steps": 4, "checkpoint_interval": 2}
-    plan, summary = run_training(_on_ray(tmp_path / "ddp", 2, model=PER_SEQUENCE_LOSS, **train))
+    # The eval set is --eval-batches batches of --batch-size sequences: 4 x 4 here and 2 x 8 below, the same 16.
+    plan, summary = run_training(_on_ray(tmp_path / "ddp", 2, model=PER_SEQUENCE_LOSS, eval_batches=4, **train))
     assert events(plan.log_file, "run_start")[0]["world_size"] == 2
     assert summary["step"] == 4
     ddp = events(plan.log_file, "train")
     assert len(ddp) == 4  # only rank 0 logs
-    single, _ = run_training(debug_config(tmp_path / "single", model=PER_SEQUENCE_LOSS, batch_size=8, **train))
+    single, _ = run_training(debug_config(tmp_path / "single", model=PER_SEQUENCE_LOSS, batch_size=8,
+                                          eval_batches=2, **train))
     expected = events(single.log_file, "train")
     # grad_norm is taken after DDP's all-reduce: the norm of the whole global batch's gradient, clipped alike
     assert [e["grad_norm"] for e in ddp] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-5)
@@ -69,7 +71,7 @@ def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_exper
     from aios_ray.train.bundle import load_tensors
 
     train = {"steps": 4, "checkpoint_interval": 2, "eval_interval": 100, "expert_usage_interval": 100,
-             "stats_interval": 100}
+             "store_stats_interval": 100}
     runs = {}
     for experts in ("local", "tiered"):
         plan, summary = run_training(_on_ray(tmp_path / experts, 2, experts=experts, **train))

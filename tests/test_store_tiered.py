@@ -177,12 +177,10 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
 
 def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
     """Updates evicted all the way to NVMe after a flush are staged there; recovery discards them."""
-    from aios_ray.config import StoreConfig
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="reset", device="cpu",
-                                   capacity_gpu=1, capacity_dram=1), layout)
+    store = LocalStore(tmp_path / "store", layout, capacity_gpu=1, capacity_dram=1, name="reset")
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.zeros(layout.numel, dtype=np.float32), 0) for k in keys])
 
@@ -210,13 +208,11 @@ def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
 def test_revert_keeps_what_is_cached_at_its_flushed_version(tmp_path: Path, monkeypatch):
     """A training worker that restarts from its checkpoint finds the experts unchanged since then still hot;
     an expert whose update died half-way (version bumped before the write) is dropped and reloaded."""
-    from aios_ray.config import StoreConfig
     from aios_ray.store import tiered_experts
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="revert", device="cpu",
-                                   capacity_gpu=4, capacity_dram=4), layout)
+    store = LocalStore(tmp_path / "store", layout, capacity_gpu=4, capacity_dram=4, name="revert")
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
 
@@ -355,7 +351,7 @@ def test_plot_draws_the_store_hit_rate_per_interval(tmp_path: Path):
     from tests.helpers import debug_config
 
     plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4,
-                                        stats_interval=2))
+                                        store_stats_interval=2))
     events = [json.loads(line) for line in Path(plan.log_file).read_text().splitlines()]
     stats = [e for e in events if e["event"] == "store_stats"]
     hot = [next(t for t in e["tiers"] if t["tier"] == "hot") for e in stats]

@@ -45,7 +45,7 @@ class Block(nn.Module):
         self.ffn: nn.Module
         if cfg.use_moe:
             self.ffn = MoEFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                      cfg.moe_capacity_factor, impl=moe_impl, dropless=cfg.moe_dropless)
+                                      cfg.moe_capacity_factor, impl=moe_impl)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_size)
 
@@ -97,7 +97,7 @@ class Segment:
 @dataclass
 class HRMOutput:
     loss: torch.Tensor  # scalar to backpropagate: lm + 0.5 * q + lb_coef * lb
-    lm_loss: torch.Tensor  # detached; training: mean over (sequence, segment run); eval: last segment
+    lm_loss: torch.Tensor  # detached; training: mean of each sequence's mean over its segments; eval: last segment
     q_loss: torch.Tensor  # detached
     lb_loss: torch.Tensor  # detached; summed over every MoE call of the forward
     halt_steps: torch.Tensor  # (B,) segments each sequence ran
@@ -215,12 +215,12 @@ class HRMACTv1(nn.Module):
         max_steps = cfg.halt_max_steps
         halted = torch.zeros(B, dtype=torch.bool, device=x.device)
         steps = torch.zeros(B, device=x.device)
-        lm_sum = q_sum = torch.zeros((), device=x.device)
+        lm_sum = q_sum = torch.zeros(B, device=x.device)  # per sequence, over the segments it ran
         seg = self.segment(self.initial_carry(B, T), x, rope, log, with_grad=True)
         for s in range(max_steps):
             active = ~halted
             ce = sequence_ce(seg.logits, labels)  # (B,)
-            lm_sum = lm_sum + (ce * active).sum()
+            lm_sum = lm_sum + ce * active
             steps = steps + active
             if max_steps == 1:
                 break
@@ -231,13 +231,17 @@ class HRMACTv1(nn.Module):
             # segment is the real one (with grad); otherwise it is a no-grad target-only pass.
             nxt = self.segment(seg.carry, x, rope, log if keep_going else None, with_grad=keep_going)
             q_terms = self._q_loss_terms(seg, nxt, ce.detach(), labels, is_last)
-            q_sum = q_sum + (q_terms * active).sum()
+            q_sum = q_sum + q_terms * active
             halted = halted | halt
             if not keep_going:
                 break
             seg = nxt
-        num_terms = steps.sum()
-        lm_loss, q_loss = lm_sum / num_terms, q_sum / num_terms
+        # Each sequence's mean over its segments, then the mean over sequences. Not the mean over all (sequence,
+        # segment) pairs: that divides by a count of the whole batch, so when sequences halt after different
+        # numbers of segments a batch's loss is no longer the size-weighted mean of the losses of its parts, and
+        # micro-batches after an out-of-memory retreat, gradient accumulation and DDP shards would each train on
+        # another objective than the whole batch. (Equal when every sequence runs as many segments.)
+        lm_loss, q_loss = (lm_sum / steps).mean(), (q_sum / steps).mean()
         lb_loss = log.lb_loss if log.num_calls else torch.zeros((), device=x.device)
         loss = lm_loss + 0.5 * q_loss + cfg.moe_lb_coef * lb_loss
         return HRMOutput(loss, lm_loss.detach(), q_loss.detach(), lb_loss.detach(), steps, seg.logits, log)
