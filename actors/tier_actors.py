@@ -9,6 +9,7 @@ process that still maps it keeps valid memory until it re-maps).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,11 @@ from actors.nvme_store import create_nvme_store
 from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError, UserError
 from aios_ray.store.control import revert_counts
+from aios_ray.store.policy import TierCounters
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import CudaSlab, HotSlab, Slab, open_shared_slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
-from aios_ray.store.tiers import DramTier, HotTier, Item
+from aios_ray.store.tiers import DramTier, HotTier, Item, Record
 
 MAX_CONCURRENCY = 4
 # The GPU cache actor asks Ray for this share of a GPU, and a training worker beside it for the rest: on a
@@ -147,6 +149,12 @@ class GpuCacheActor(_CacheActorBase):
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
         return self.tier.lease(keys, holder)
 
+    def acquire(self, keys: Sequence[ExpertKey], holder: str) -> tuple[dict[ExpertKey, int], dict[ExpertKey, Record]]:
+        return self.tier.acquire(keys, holder)
+
+    def write_back(self, items: Sequence[Item]) -> None:
+        self.tier.write_back(items)
+
     def release(self, holder: str) -> int:
         return self.tier.release(holder)
 
@@ -163,6 +171,10 @@ class GpuCacheActor(_CacheActorBase):
         self.slab.unlink()
 
 
+# Every counter a tier reports (the same names and numbers as ``store stats`` and the JSONL's store_stats).
+GAUGES = (*(f.name for f in dataclasses.fields(TierCounters)), "hit_rate", "used_bytes", "entries")
+
+
 class TierMetrics:
     """The tier's counters as Ray metrics (``ray_aios_store_*`` on the dashboard's metrics port)."""
 
@@ -172,8 +184,7 @@ class TierMetrics:
         self.tier = tier
         self.gauges = {name: Gauge(f"aios_store_{name}", description=f"tiered expert store: {name}",
                                    tag_keys=("tier",))
-                       for name in ("hits", "misses", "prefetch_hits", "evictions", "bytes_in", "bytes_out",
-                                    "stall_seconds", "hit_rate", "used_bytes")}
+                       for name in GAUGES}
         self.lock = threading.Lock()
 
     def update(self, stats: dict[str, Any]) -> None:
@@ -255,6 +266,12 @@ class ActorHotClient:
 
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
         return ray.get(self.handle.lease.remote(list(keys), holder))
+
+    def acquire(self, keys: Sequence[ExpertKey], holder: str) -> tuple[dict[ExpertKey, int], dict[ExpertKey, Record]]:
+        return ray.get(self.handle.acquire.remote(list(keys), holder))
+
+    def write_back(self, items: Sequence[Item]) -> None:
+        ray.get(self.handle.write_back.remote(list(items)))
 
     def release(self, holder: str) -> int:
         return ray.get(self.handle.release.remote(holder))

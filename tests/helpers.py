@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from aios_ray.config import Config, ModelConfig, load_yaml_config, merge
+from aios_ray.config import Config, ModelConfig, StoreConfig, load_yaml_config, merge
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.nvme import NvmeStore
 from aios_ray.store.record import ExpertKey, ExpertLayout
@@ -27,11 +28,15 @@ PER_SEQUENCE_LOSS: dict[str, Any] = {"halt_exploration_prob": 0.0, "moe_capacity
 
 def debug_config(tmp_path: Path, model: dict[str, Any] | None = None, **train_overrides: Any) -> Config:
     """The debug preset with its bundle under tmp_path, without Ray; ``model`` overrides model options and
-    keyword args train options."""
+    keyword args train options (and store options, by their
+    StoreConfig field names)."""
     base = load_yaml_config("debug")
+    store_fields = {f.name for f in dataclasses.fields(StoreConfig)}
+    store = {k: v for k, v in train_overrides.items() if k in store_fields}  # --experts, --capacity-gpu, ...
+    train = {k: v for k, v in train_overrides.items() if k not in store_fields}
     overrides = {"model": model or {},
-                 "train": {"bundle_dir": str(tmp_path / "brains"), "brain_name": "t", **train_overrides},
-                 "cluster": {"use_ray": False}}
+                 "train": {"bundle_dir": str(tmp_path / "brains"), "brain_name": "t", **train},
+                 "cluster": {"use_ray": False}, "store": store}
     return Config.from_dict(merge(base, overrides))
 
 

@@ -71,7 +71,7 @@ def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_exper
     from aios_ray.train.bundle import load_tensors
 
     train = {"steps": 4, "checkpoint_interval": 2, "eval_interval": 100, "expert_usage_interval": 100,
-             "store_stats_interval": 100}
+             "stats_interval": 100}
     runs = {}
     for experts in ("local", "tiered"):
         plan, summary = run_training(_on_ray(tmp_path / experts, 2, experts=experts, **train))

@@ -175,16 +175,16 @@ def test_prefetched_entry_counts_prefetch_hit_only_on_first_use():
     tier.admit(k(0), 10, prefetched=True)
     assert tier.lookup(k(0)) and tier.lookup(k(0))
     c = tier.counters
-    assert (c.hits, c.prefetch_hits, c.prefetches_issued, c.misses) == (2, 1, 1, 0)
+    assert (c.hits, c.prefetch_used, c.prefetch_issued, c.prefetch_wasted, c.misses) == (2, 1, 1, 0, 0)
 
 
-def test_evicted_unused_prefetch_counts_no_hit():
+def test_evicted_unused_prefetch_counts_as_wasted_not_as_a_hit():
     tier = TierPolicy(capacity_bytes=100)
     tier.admit(k(0), 100, prefetched=True)
     tier.admit(k(1), 100)  # evicts the prefetch before anyone used it
     assert not tier.lookup(k(0))
     c = tier.counters
-    assert (c.hits, c.prefetch_hits, c.prefetches_issued, c.misses, c.evictions) == (0, 0, 1, 1, 1)
+    assert (c.hits, c.prefetch_used, c.prefetch_issued, c.prefetch_wasted, c.misses, c.evictions) == (0, 0, 1, 1, 1, 1)
 
 
 def test_counters_hit_rate_merge_and_dict():

@@ -26,13 +26,16 @@ def build_store(tmp_path: Path, layout: ExpertLayout, hot_slots: int, dram_recor
     return nvme, dram, HotTier(slab, layout, dram), slab
 
 
-def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path: Path):
+@pytest.mark.parametrize("hot_slots", [12, 3])
+def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path: Path, hot_slots: int):
+    """With 12 slots every step's experts are hot; with 3 (fewer than one step uses) the others are streamed
+    past the full tier as copies, updated and written back: the same arithmetic either way."""
     torch.manual_seed(0)
     local = HRMACTv1(CFG).train()
     tiered = HRMACTv1(CFG).train()
     tiered.load_state_dict(local.state_dict())
     layout = ExpertLayout(CFG.hidden_size, CFG.ffn_size)
-    nvme, dram, hot, slab = build_store(tmp_path, layout, hot_slots=12, dram_records=6)  # 16 experts in all
+    nvme, dram, hot, slab = build_store(tmp_path, layout, hot_slots=hot_slots, dram_records=6)  # 16 experts
     nvme.write_many(local_records(local, layout))
     source = TieredExperts(hot, slab, layout)
     tiered.use_expert_source(source)
@@ -58,10 +61,11 @@ def test_local_and_tiered_experts_agree_over_three_steps_with_evictions(tmp_path
         source.end_step()
         # Another user of the hot tier takes most slots: this step's experts are evicted (dirty, to DRAM,
         # and from the small DRAM on to NVMe) and must come back intact next step.
-        hot.lease([k for k in all_keys if k not in source.used][:8] or all_keys[:8], "intruder")
+        hot.acquire([k for k in all_keys if k not in source.used][:8] or all_keys[:8], "intruder")
         hot.release("intruder")
 
     assert hot.stats()["evictions"] > 0 and dram.stats()["evictions"] > 0
+    assert (hot.stats()["streamed"] > 0) == (hot_slots == 3)
     hot.flush()
     assert_same_experts(local, opt_local, nvme, layout)
 
@@ -110,13 +114,53 @@ def test_trainer_with_tiered_experts_matches_local_experts(tmp_path: Path):
     assert hot["slots"] == 8 and hot["hits"] > 0 and dram["evictions"] > 0
 
 
-def test_a_hot_tier_smaller_than_one_step_is_a_clear_error(tmp_path: Path):
-    from aios_ray.store.tiered_experts import HotTierTooSmall
+def test_a_hot_tier_smaller_than_one_step_trains_like_a_large_one(tmp_path: Path, capsys):
+    """`aios-ray train --experts tiered --capacity-gpu 1`: one hot slot for the 8 experts each step uses. The run
+    completes with the losses and weights of the same run with room for every expert, and its store_stats say
+    how often it streamed experts past the full tier and what that cost in stall."""
+    from aios_ray.cli import main
     from aios_ray.train.run import run_training
-    from tests.helpers import debug_config
+    from tests.helpers import assert_same_weights, bundle_weights, debug_config, events, train_losses
 
-    with pytest.raises(HotTierTooSmall, match="raise --capacity-gpu"):
-        run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=2))
+    roomy, _ = run_training(debug_config(tmp_path / "roomy", experts="tiered", capacity_gpu=8))
+    code = main(["train", "--config", "debug", "--no-ray", "--experts", "tiered", "--capacity-gpu", "1",
+                 "--bundle-dir", str(tmp_path / "tight"), "--brain-name", "t", "--store-stats-interval", "3"])
+    assert code == 0
+    tight = tmp_path / "tight" / "t"
+    assert train_losses(tight / "metrics.jsonl") == pytest.approx(train_losses(roomy.log_file), rel=1e-5)
+    assert_same_weights(bundle_weights(tight), bundle_weights(roomy.bundle_root), atol=1e-5, rtol=1e-4)
+    hot = [next(t for t in e["tiers"] if t["tier"] == "hot") for e in events(tight / "metrics.jsonl", "store_stats")]
+    assert hot[-1]["slots"] == 1 and hot[-1]["streamed"] > 0 and hot[-1]["stall_seconds"] > 0
+    assert hot[-1]["misses"] >= hot[-1]["streamed"]  # a streamed expert is a demand miss
+
+
+def test_counters_of_a_trace_known_by_hand(tmp_path: Path):
+    """The hit rate counts demand accesses only; prefetches are counted apart as issued, used and wasted; a
+    demand that finds no free slot is streamed (a miss) and its update comes back intact."""
+    layout = ExpertLayout(8, 16)
+    nvme, dram, hot, _slab = build_store(tmp_path, layout, hot_slots=2, dram_records=4)
+    k0, k1, k2, k3 = (ExpertKey(0, e) for e in range(4))
+    nvme.write_many([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in (k0, k1, k2, k3)])
+    assert hot.prefetch([k0, k1]) == 2  # issued 2
+    assert set(hot.acquire([k0], "step1")[0]) == {k0}  # demand hit on a prefetched expert: used 1
+    hot.release("step1")
+    assert hot.prefetch([k2]) == 1  # issued 3; evicts k1, least recently used and never needed: wasted 1
+    slots, streamed = hot.acquire([k0, k2, k3], "step2")  # hit, hit (used 2), miss with both slots pinned
+    assert set(slots) == {k0, k2} and set(streamed) == {k3}
+    flat, version = streamed[k3]
+    assert version == 0 and flat[0] == 3.0
+    flat[:] = 30.0  # the step's update of its copy
+    hot.write_back([(k3, flat, version + 1)])
+    hot.release("step2")
+    stats = hot.stats()
+    counts = {name: stats[name] for name in ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                                             "streamed")}
+    assert counts == {"hits": 3, "misses": 1, "prefetch_issued": 3, "prefetch_used": 2, "prefetch_wasted": 1,
+                      "streamed": 1}
+    assert stats["hit_rate"] == 0.75
+    slot = hot.lease([k3], "step3")[k3]  # the written-back update, now from DRAM
+    assert hot.slab.row(slot)[0].item() == 30.0 and hot.version[k3] == 1
+    hot.release("step3")
 
 
 def test_store_stats_command_prints_each_tier(tmp_path: Path, capsys):
@@ -171,16 +215,18 @@ def test_a_lease_is_served_while_a_prefetch_waits_on_the_tier_below(tmp_path: Pa
     gate.set()
     prefetcher.join(10)
     assert keys[1] in hot.resident() and keys[2] in hot.resident()
-    assert hot.stats()["prefetches_issued"] == 2
+    assert hot.stats()["prefetch_issued"] == 2
     assert dram.stats()["misses"] == 1  # the demand load of keys[0]; the prefetch is not a DRAM miss
 
 
 def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
     """Updates evicted all the way to NVMe after a flush are staged there; recovery discards them."""
+    from aios_ray.config import StoreConfig
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(tmp_path / "store", layout, capacity_gpu=1, capacity_dram=1, name="reset")
+    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="reset", device="cpu",
+                                   capacity_gpu=1, capacity_dram=1), layout)
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.zeros(layout.numel, dtype=np.float32), 0) for k in keys])
 
@@ -208,16 +254,19 @@ def test_revert_returns_every_tier_to_the_last_flush(tmp_path: Path):
 def test_revert_keeps_what_is_cached_at_its_flushed_version(tmp_path: Path, monkeypatch):
     """A training worker that restarts from its checkpoint finds the experts unchanged since then still hot;
     an expert whose update died half-way (version bumped before the write) is dropped and reloaded."""
+    from aios_ray.config import StoreConfig
     from aios_ray.store import tiered_experts
     from aios_ray.store.control import LocalStore
 
     layout = ExpertLayout(8, 16)
-    store = LocalStore(tmp_path / "store", layout, capacity_gpu=4, capacity_dram=4, name="revert")
+    store = LocalStore(StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="revert", device="cpu",
+                                   capacity_gpu=4, capacity_dram=4), layout)
     keys = [ExpertKey(0, e) for e in range(3)]
     store.seed([(k, np.full(layout.numel, float(k.expert), dtype=np.float32), 0) for k in keys])
 
     def train_step(client: tiered_experts.TieredExperts, experts: list[int]) -> None:
-        client.begin_step([ExpertKey(0, e) for e in experts])
+        client.begin_step()
+        client.acquire([ExpertKey(0, e) for e in experts])
         for w_gate_up, w_down in client.weights(0, experts).values():
             (w_gate_up.sum() + w_down.sum()).backward()
         client.apply_optimizer(lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -240,7 +289,8 @@ def test_revert_keeps_what_is_cached_at_its_flushed_version(tmp_path: Path, monk
     assert store.revert() == {"hot_kept": 2, "hot_dropped": 1, "dram_kept": 3, "dram_dropped": 0}
     before = store.hot.stats()
     restarted = store.experts_client()
-    restarted.begin_step(keys)  # the dead worker's lease was ended by the revert: all three fit again
+    restarted.begin_step()
+    restarted.acquire(keys)  # the dead worker's lease was ended by the revert: all three fit again
     after = store.hot.stats()
     assert after["hits"] - before["hits"] == 2 and after["misses"] - before["misses"] == 1
     for key in keys:
@@ -280,7 +330,7 @@ def test_a_lease_waits_for_the_prefetch_of_its_key_instead_of_fetching_it_again(
     prefetcher.join(10)
     assert key in result and fetched == [([key], True)]  # fetched once, by the prefetch
     stats = hot.stats()
-    assert stats["prefetch_hits"] == 1 and stats["misses"] == 0 and stats["stall_seconds"] > 0
+    assert stats["prefetch_used"] == 1 and stats["misses"] == 0 and stats["stall_seconds"] > 0
 
 
 def _write_through_shared_slab(info: dict, slot: int, value: float) -> None:
@@ -351,7 +401,7 @@ def test_plot_draws_the_store_hit_rate_per_interval(tmp_path: Path):
     from tests.helpers import debug_config
 
     plan, _ = run_training(debug_config(tmp_path, experts="tiered", capacity_gpu=8, capacity_dram=4,
-                                        store_stats_interval=2))
+                                        stats_interval=2))
     events = [json.loads(line) for line in Path(plan.log_file).read_text().splitlines()]
     stats = [e for e in events if e["event"] == "store_stats"]
     hot = [next(t for t in e["tiers"] if t["tier"] == "hot") for e in stats]

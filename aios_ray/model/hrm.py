@@ -45,7 +45,7 @@ class Block(nn.Module):
         self.ffn: nn.Module
         if cfg.use_moe:
             self.ffn = MoEFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                      cfg.moe_capacity_factor, impl=moe_impl)
+                                      cfg.moe_capacity_factor, impl=moe_impl, dropless=cfg.moe_dropless)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_size)
 

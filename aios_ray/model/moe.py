@@ -176,8 +176,9 @@ class MoEFeedForward(nn.Module):
 
     def use_expert_source(self, source: Any) -> None:
         """Hand the experts to a tiered store: drop the local weights. From then on ``source.weights(layer, ids)``
-        supplies (w_gate_up, w_down) leaf tensors per expert, ``source.slots_of(layer, ids)`` their slots and
-        ``source.slot_weights()`` every slot's weights as (S, C, 2F) and (S, F, C) views."""
+        supplies (w_gate_up, w_down) leaf tensors per expert, ``source.slots_of(layer, ids)`` their slots (None if
+        some have none: streamed past a full hot tier), ``source.slot_weights()`` every slot's weights as
+        (S, C, 2F) and (S, F, C) views."""
         for name in ("w_gate_up", "w_down"):
             if name in self._parameters:
                 delattr(self, name)
@@ -189,9 +190,9 @@ class MoEFeedForward(nn.Module):
         used = routing.expert_index[routing.kept].unique().tolist()
         leaves = self.expert_source.weights(self.layer_index, used)
         slot_w_gate_up, slot_w_down = self.expert_source.slot_weights()
-        if not used or x.dtype != slot_w_gate_up.dtype:  # autocast: cast per used expert, not the whole slab
+        slots = self.expert_source.slots_of(self.layer_index, used)  # None: some came as copies (hot tier full)
+        if not used or x.dtype != slot_w_gate_up.dtype or slots is None:  # autocast: cast per used expert
             return self._experts_tiered_loop(x, routing, used, leaves)
-        slots = self.expert_source.slots_of(self.layer_index, used)
         slot_of_expert = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
         slot_of_expert[used] = torch.tensor(slots, device=x.device)
         plan = _DispatchPlan.build(slot_of_expert[routing.expert_index], routing.kept, slot_w_gate_up.shape[0])

@@ -183,15 +183,11 @@ class TieredBackend:
 
     needs_first_checkpoint = True  # recovery rolls back to a checkpoint's flush: there must be one
 
-    # ---- per step ------------------------------------------------------------------------------
-    def predicted(self) -> list[ExpertKey]:
-        if not self.config.prefetch:
-            return []
-        layers = sorted({k.layer for k in self.keys})
-        return [ExpertKey(layer, e) for layer in layers for e in self.history.predict(layer)]
-
+    # ---- per step -------------------------------------------------------------------------------
     def begin_step(self) -> None:
-        self.experts.begin_step(self.predicted())
+        """Nothing is leased ahead: the MoE layers acquire what the step uses (demand accesses, the only ones
+        the hit rate counts), and the predicted experts were prefetched after the last step."""
+        self.experts.begin_step()
 
     def parameters(self) -> list[torch.Tensor]:
         return self.experts.parameters()
@@ -232,7 +228,7 @@ class TieredBackend:
         for layer, experts in used.items():
             self.history.record(step, layer, experts)
         self.experts.end_step()
-        if self.config.prefetch and self.workers.leader:
+        if self.config.prefetch and self.workers.leader:  # into free or unpinned room, counted as prefetch
             for layer in used:
                 self.store.prefetch(layer, self.history.predict(layer))
         self.step_index = step

@@ -41,10 +41,12 @@ class PinnedError(RuntimeError):
 class TierCounters:
     """What one tier did. Plain numbers so actors can ship them to the driver and sum them."""
 
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0  # hits on an entry brought in by prefetch and not used since
-    prefetches_issued: int = 0  # entries admitted by prefetch (not already present)
+    hits: int = 0  # demand accesses (an expert a step needed) that found the entry here
+    misses: int = 0  # demand accesses that had to load it (or stream it past a full tier)
+    prefetch_issued: int = 0  # entries admitted by prefetch (not already present)
+    prefetch_used: int = 0  # prefetched entries that a demand access then hit
+    prefetch_wasted: int = 0  # prefetched entries evicted (or dropped) before any demand access
+    streamed: int = 0  # demand misses served around a full tier (no room: a copy for the step, written back)
     evictions: int = 0
     writebacks: int = 0  # dirty entries evicted, plus successful mark_clean calls
     bytes_in: int = 0
@@ -53,7 +55,8 @@ class TierCounters:
 
     @property
     def hit_rate(self) -> float:
-        """Hits over lookups; 0.0 before any lookup (rather than a ZeroDivisionError in a report)."""
+        """Demand hits over demand accesses (prefetch loads are not accesses); 0.0 before any access (rather
+        than a ZeroDivisionError in a report)."""
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
 
@@ -182,7 +185,7 @@ class TierPolicy:
                 return False
             self._counters.hits += 1
             if e.prefetched:
-                self._counters.prefetch_hits += 1
+                self._counters.prefetch_used += 1
                 e.prefetched = False
             self._touch(key, e)
             return True
@@ -272,6 +275,11 @@ class TierPolicy:
         with self._lock:
             self._counters.stall_seconds += seconds
 
+    def record_streamed(self, count: int) -> None:
+        """Demand misses that found no room and were served as copies around this tier."""
+        with self._lock:
+            self._counters.streamed += count
+
     def record_bytes(self, *, bytes_in: int = 0, bytes_out: int = 0) -> None:
         """Bytes actually moved into / out of this tier (the actor knows what it copied)."""
         with self._lock:
@@ -327,12 +335,13 @@ class TierPolicy:
         self._used -= e.nbytes
         self._counters.evictions += 1
         self._counters.writebacks += int(e.dirty)
+        self._counters.prefetch_wasted += int(e.prefetched)  # brought in ahead of need, never needed
         return self._eviction(key, e)
 
     def _insert(self, key: Key, e: _Entry) -> None:
         self._entries[key] = e
         self._used += e.nbytes
-        self._counters.prefetches_issued += int(e.prefetched)
+        self._counters.prefetch_issued += int(e.prefetched)
         self._touch(key, e)
 
     def _update(self, key: Key, e: _Entry, nbytes: int, *, dirty: bool, version: int) -> None:

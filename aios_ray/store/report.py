@@ -12,8 +12,8 @@ from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError
 from aios_ray.store.nvme import SNAPSHOTS
 
-COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "prefetch_hits", "evictions", "MB_in",
-           "MB_out", "stall_s")
+COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "pf_issued", "pf_used", "pf_wasted", "streamed",
+           "evictions", "MB_in", "MB_out", "stall_s")
 
 
 def finished_store_stats(config: StoreConfig) -> dict[str, Any]:
@@ -36,7 +36,8 @@ def format_table(stats: dict[str, Any]) -> str:
         capacity = tier.get("slots")
         entries = f"{tier.get('entries', 0)}" + (f"/{capacity}" if capacity else "")
         rows.append((tier["tier"], entries, f"{tier.get('used_bytes', 0) / 2**20:.1f}", f"{tier['hits']:.0f}",
-                     f"{tier['misses']:.0f}", f"{tier['hit_rate']:.3f}", f"{tier['prefetch_hits']:.0f}",
+                     f"{tier['misses']:.0f}", f"{tier['hit_rate']:.3f}", f"{tier['prefetch_issued']:.0f}",
+                     f"{tier['prefetch_used']:.0f}", f"{tier['prefetch_wasted']:.0f}", f"{tier['streamed']:.0f}",
                      f"{tier['evictions']:.0f}", f"{tier['bytes_in'] / 2**20:.1f}", f"{tier['bytes_out'] / 2**20:.1f}",
                      f"{tier['stall_seconds']:.3f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]

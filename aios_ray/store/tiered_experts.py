@@ -1,11 +1,16 @@
 """The training process's side of the tiered store: expert weights straight from leased hot slots.
 
-Per step: ``begin_step(predicted)`` leases the predicted experts (one call); a MoE call that needs an
-expert not yet leased leases it (one call per miss set); forward and backward compute on views of
-the shared slots (no copy); ``apply_optimizer`` runs the same AdamW arithmetic as local experts on
-the slot's weights and moments in place and marks them dirty; ``end_step`` releases the lease.
-No ray import: the client is anything with ``lease``, ``release`` and ``mark_dirty`` (a ``HotTier``
-in-process, or a handle on the cache actor).
+Per step: a MoE call that needs experts not yet held this step acquires them (one call per miss set:
+only what the step uses is ever pinned; prefetching is the store's business, between steps); forward
+and backward compute on views of the shared slots (no copy); ``apply_optimizer`` runs the same AdamW
+arithmetic as local experts on the slot's weights and moments in place and marks them dirty;
+``end_step`` releases the lease.
+
+A hot tier smaller than the step's experts does not stop the step: the experts that find no free slot
+come as copies of their records (streamed past the tier, counted there as misses and stall), are
+computed on and updated here, and go back with ``write_back``. Slower, same arithmetic.
+No ray import: the client is anything with ``acquire``, ``write_back``, ``release`` and ``mark_dirty``
+(a ``HotTier`` in-process, or a handle on the cache actor).
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from aios_ray.adamw import adamw_update_
-from aios_ray.errors import UserError
-from aios_ray.store.policy import TierFullError
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import HotSlab
 
@@ -27,13 +31,11 @@ _holders = itertools.count()
 
 
 class HotClient(Protocol):
-    def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]: ...
+    def acquire(self, keys: Sequence[ExpertKey], holder: str) -> tuple[dict[ExpertKey, int],
+                                                                       dict[ExpertKey, tuple[np.ndarray, int]]]: ...
+    def write_back(self, items: Sequence[tuple[ExpertKey, np.ndarray, int]]) -> None: ...
     def release(self, holder: str) -> int: ...
     def mark_dirty(self, keys: Sequence[ExpertKey]) -> None: ...
-
-
-class HotTierTooSmall(UserError):
-    """Every expert a step uses stays leased until its optimizer step; they must fit the hot tier."""
 
 
 def _alias(view: torch.Tensor) -> torch.Tensor:
@@ -65,44 +67,53 @@ class TieredExperts:
         self.client, self.slab, self.layout = client, slab, layout
         self.holder = f"{os.getpid()}-{next(_holders)}"
         self.slots: dict[ExpertKey, int] = {}
+        self.streamed: dict[ExpertKey, tuple[torch.Tensor, int]] = {}  # copies this step computes on, and versions
         self.leaves: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lease_calls = 0
         self.used: set[ExpertKey] = set()
         self._slot_views = _slot_weight_views(slab.tensor, layout)
 
     # ---- step lifecycle ------------------------------------------------------------------------
-    def begin_step(self, predicted: Sequence[ExpertKey] = ()) -> None:
+    def begin_step(self) -> None:
         self.used.clear()
-        if predicted:
-            self._lease(list(predicted))
 
     def end_step(self) -> None:
         self.client.release(self.holder)
         self.slots.clear()
+        self.streamed.clear()
         self.leaves.clear()
 
-    def _lease(self, keys: list[ExpertKey]) -> None:
+    def acquire(self, keys: list[ExpertKey]) -> None:
+        """Hold ``keys`` for this step: hot slots where there is room, streamed copies otherwise."""
         self.lease_calls += 1
-        try:
-            self.slots.update(self.client.lease(keys, self.holder))
-        except TierFullError:
-            raise HotTierTooSmall(
-                f"the hot expert tier ({self.slab.num_slots} slots) cannot hold the {len(self.slots) + len(keys)}+ "
-                f"experts this step uses at once; raise --capacity-gpu") from None
+        slots, streamed = self.client.acquire(keys, self.holder)
+        self.slots.update(slots)
+        device = self.slab.tensor.device
+        for key, (flat, version) in streamed.items():
+            self.streamed[key] = (torch.from_numpy(np.array(flat, copy=True)).to(device), version)
 
     # ---- what the MoE layer calls --------------------------------------------------------------
     def weights(self, layer: int, experts: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(w_gate_up, w_down) of each expert: leaf tensors on the shared slot (gradients land in .grad)."""
+        """(w_gate_up, w_down) of each expert: leaf tensors on the shared slot, or on the streamed copy when the
+        hot tier had no room (gradients land in .grad)."""
         keys = [ExpertKey(layer, e) for e in experts]
-        missing = [k for k in keys if k not in self.slots]
+        missing = [k for k in keys if k not in self.slots and k not in self.streamed]
         if missing:
-            self._lease(missing)
+            self.acquire(missing)
         self.used.update(keys)
         return {k.expert: self._leaf(k) for k in keys}
 
-    def slots_of(self, layer: int, experts: Sequence[int]) -> list[int]:
-        """The slots of experts leased by ``weights``."""
-        return [self.slots[ExpertKey(layer, e)] for e in experts]
+    def slots_of(self, layer: int, experts: Sequence[int]) -> list[int] | None:
+        """The slots of experts leased by ``weights``; None when any of them is a streamed copy (no slot)."""
+        keys = [ExpertKey(layer, e) for e in experts]
+        if any(k not in self.slots for k in keys):
+            return None
+        return [self.slots[k] for k in keys]
+
+    def _row(self, key: ExpertKey) -> torch.Tensor:
+        """The flat record the step computes on: its hot slot, or its streamed copy."""
+        slot = self.slots.get(key)
+        return self.slab.row(slot) if slot is not None else self.streamed[key][0]
 
     def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's w_gate_up (S, C, 2F) and w_down (S, F, C): strided views of the slab, no copy."""
@@ -110,7 +121,7 @@ class TieredExperts:
 
     def _leaf(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in self.leaves:
-            views = self.layout.views(self.slab.row(self.slots[key]))
+            views = self.layout.views(self._row(key))
             self.leaves[key] = (_alias(views["w_gate_up"]).requires_grad_(True),
                                 _alias(views["w_down"]).requires_grad_(True))
         return self.leaves[key]
@@ -127,20 +138,27 @@ class TieredExperts:
         mid-update then leaves slots whose version no longer matches the last flush, which recovery drops
         (``HotTier.revert``) instead of keeping half-updated weights."""
         touched = [key for key, pair in self.leaves.items() if _received_gradient(pair)]
-        if touched:
-            self.client.mark_dirty(touched)
+        in_slots = [key for key in touched if key in self.slots]
+        if in_slots:
+            self.client.mark_dirty(in_slots)
         for key in touched:
-            w_gate_up, w_down = self.leaves[key]
-            grads = (w_gate_up.grad, w_down.grad)
-            views = self.layout.views(self.slab.row(self.slots[key]))
-            step = views["step"]
-            for name, grad in zip(("w_gate_up", "w_down"), grads, strict=True):
-                local_step = step.clone()  # both weights take the same step number, as in the local optimizer
-                adamw_update_(views[name], grad, views[f"exp_avg.{name}"], views[f"exp_avg_sq.{name}"],
-                              local_step, lr, weight_decay, betas, eps)
-            step.add_(1)
+            self._adamw(key, lr, weight_decay, betas, eps)
+        streamed = [key for key in touched if key not in self.slots]
+        if streamed:  # the updated copies go back to the store, each one version newer
+            self.client.write_back([(key, self.streamed[key][0].cpu().numpy(), self.streamed[key][1] + 1)
+                                    for key in streamed])
         self.drop_gradients()
         return len(touched)
+
+    def _adamw(self, key: ExpertKey, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+        w_gate_up, w_down = self.leaves[key]
+        views = self.layout.views(self._row(key))
+        step = views["step"]
+        for name, grad in zip(("w_gate_up", "w_down"), (w_gate_up.grad, w_down.grad), strict=True):
+            local_step = step.clone()  # both weights take the same step number, as in the local optimizer
+            adamw_update_(views[name], grad, views[f"exp_avg.{name}"], views[f"exp_avg_sq.{name}"],
+                          local_step, lr, weight_decay, betas, eps)
+        step.add_(1)
 
     def drop_gradients(self) -> None:
         for pair in self.leaves.values():

@@ -22,6 +22,7 @@ from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import HotSlab
 
 Item = tuple[ExpertKey, np.ndarray, int]  # key, flat record, version
+Record = tuple[np.ndarray, int]  # flat record, version
 
 
 class LowerTier(Protocol):
@@ -153,15 +154,28 @@ class HotTier:
         self.version: dict[ExpertKey, int] = {}
         self.free = list(range(slab.num_slots - 1, -1, -1))
         self.leases: dict[str, list[ExpertKey]] = {}
+        self.streaming: dict[str, set[ExpertKey]] = {}  # per holder: keys it computes on as streamed copies
         self.inflight: dict[ExpertKey, threading.Event] = {}  # keys a prefetch is fetching right now
         self.epoch = 0  # bumped by revert(): a prefetch fetched before it must not install what it got
         self.lock = threading.RLock()
         self.incarnation = uuid.uuid4().hex
 
     def lease(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
-        """Make ``keys`` resident and pin them for ``holder``; returns each key's slot.
+        """Make ``keys`` resident and pin them for ``holder``; returns each key's slot. Raises
+        ``TierFullError`` when pinned slots leave no room (``acquire`` streams the overflow instead)."""
+        slots, _ = self._acquire(keys, holder, stream_overflow=False)
+        return slots
 
-        A key whose prefetch is already under way is waited for rather than fetched a second time; the
+    def acquire(self, keys: Sequence[ExpertKey], holder: str) -> tuple[dict[ExpertKey, int], dict[ExpertKey, Record]]:
+        """``lease`` that degrades instead of failing: the keys that find room get pinned slots, and the rest
+        (when the step needs more experts than the tier has free slots) come back as copies of their records,
+        streamed past the tier. Those count as misses, as ``streamed``, and their load as stall; the holder
+        computes on its copy and sends an updated one back with ``write_back``."""
+        return self._acquire(keys, holder, stream_overflow=True)
+
+    def _acquire(self, keys: Sequence[ExpertKey], holder: str,
+                 stream_overflow: bool) -> tuple[dict[ExpertKey, int], dict[ExpertKey, Record]]:
+        """A key whose prefetch is already under way is waited for rather than fetched a second time; the
         wait counts as stall (smaller than a demand load, since the fetch started earlier)."""
         waited = 0.0
         while True:
@@ -170,26 +184,65 @@ class HotTier:
                 if not pending:
                     if waited:
                         self.policy.record_stall(waited)
-                    return self._lease_locked(keys, holder)
+                    return self._acquire_locked(keys, holder, stream_overflow)
             started = time.perf_counter()
             for event in pending:
                 event.wait()
             waited += time.perf_counter() - started
 
-    def _lease_locked(self, keys: Sequence[ExpertKey], holder: str) -> dict[ExpertKey, int]:
+    def _acquire_locked(self, keys: Sequence[ExpertKey], holder: str,
+                        stream_overflow: bool) -> tuple[dict[ExpertKey, int], dict[ExpertKey, Record]]:
         held = self.leases.setdefault(holder, [])
         missing = []
         for key in dict.fromkeys(keys):
-            if self.policy.lookup(key):
+            if self.policy.lookup(key):  # a demand access: counted as a hit or a miss, once per key and lease
                 self.policy.pin(key)  # pinned at once: loading the misses must not evict it
                 held.append(key)
             else:
                 missing.append(key)
+        overflow: list[ExpertKey] = []
+        if stream_overflow:
+            room = max(self._unpinned_room(), 0)
+            missing, overflow = missing[:room], missing[room:]
         self._load(missing, prefetched=False, pin_for=held)
-        return {k: self.slot_of[k] for k in keys}
+        streamed = self._stream(overflow, holder)
+        return {k: self.slot_of[k] for k in keys if k not in streamed}, streamed
+
+    def _unpinned_room(self) -> int:
+        """Slots that are free or hold an unpinned entry (which a load may evict)."""
+        return self.slab.num_slots - sum(1 for k in self.slot_of if self.policy.pinned(k))
+
+    def _stream(self, keys: list[ExpertKey], holder: str) -> dict[ExpertKey, Record]:
+        """Copies of ``keys``' records from the tier below, for a holder that found no free slot."""
+        if not keys:
+            return {}
+        started = time.perf_counter()
+        records = self.lower.get_many(keys)
+        self.policy.record_stall(time.perf_counter() - started)
+        self.policy.record_streamed(len(keys))
+        self.streaming.setdefault(holder, set()).update(keys)
+        # A copy: the holder updates it in place, and the tier below must keep its own bytes until write_back.
+        return {k: (np.array(flat, copy=True), version) for k, (flat, version) in zip(keys, records, strict=True)}
+
+    def write_back(self, items: Sequence[Item]) -> None:
+        """Updated copies of streamed records come back: into the slot that holds the key now, if one does,
+        otherwise down to the tier below (dirty there), so the update is never lost nor made twice."""
+        with self.lock:
+            self.epoch += 1  # a prefetch that read the old record before this must not install it
+            below = []
+            for key, flat, version in items:
+                if key in self.slot_of:
+                    self.slab.write(self.slot_of[key], flat)
+                    self.version[key] = self.policy.mark_dirty(key, version)
+                else:
+                    below.append((key, flat, version))
+            if below:
+                self.lower.put_many(below)
+                self.policy.record_bytes(bytes_out=len(below) * self.layout.nbytes)
 
     def release(self, holder: str) -> int:
         with self.lock:
+            self.streaming.pop(holder, None)
             keys = self.leases.pop(holder, [])
             for key in keys:
                 self.policy.unpin(key)
@@ -199,9 +252,10 @@ class HotTier:
         """Bring keys in ahead of need, where room is free or unpinned. The records are fetched outside
         the lock, so a lease arriving meanwhile is served at once instead of waiting for the prefetch."""
         with self.lock:
-            missing = [k for k in dict.fromkeys(keys) if k not in self.policy and k not in self.inflight]
-            room = self.slab.num_slots - sum(1 for k in self.slot_of if self.policy.pinned(k))
-            missing = missing[:max(room, 0)]
+            streamed = set().union(*self.streaming.values())  # their update comes back with write_back
+            missing = [k for k in dict.fromkeys(keys)
+                       if k not in self.policy and k not in self.inflight and k not in streamed]
+            missing = missing[:max(self._unpinned_room(), 0)]
             done, epoch = threading.Event(), self.epoch
             for key in missing:
                 self.inflight[key] = done  # a lease for it now waits for this fetch instead of repeating it
@@ -288,6 +342,7 @@ class HotTier:
             self.epoch += 1
             for holder in list(self.leases):
                 self.release(holder)
+            self.streaming.clear()
             dropped, resident = 0, self.policy.keys()  # a snapshot: evicting while iterating it is safe
             for key in resident:
                 version = self.version[key]
