@@ -412,3 +412,48 @@ def test_plot_draws_the_store_hit_rate_per_interval(tmp_path: Path):
     assert series["hot"]["hit_rate"][0] == pytest.approx(hot[0]["hits"] / (hot[0]["hits"] + hot[0]["misses"]))
     out = plot_run(Path(plan.log_file), tmp_path / "run.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backend_hit_rate_is_the_demand_hit_rate_with_the_loops_own_predictor(tmp_path: Path):
+    """Through the backend a training loop calls (usage-history prefetch after each step, a hot tier smaller than
+    the experts), the store's hits and misses are exactly the demand accesses: counted here independently by
+    looking, when a MoE layer first asks for an expert in a step, whether it was resident."""
+    from aios_ray.config import StoreConfig
+    from aios_ray.store.backend import TieredBackend, open_backend
+    from aios_ray.store.control import LocalStore
+
+    torch.manual_seed(0)
+    model = HRMACTv1(CFG).train()
+    config = StoreConfig(experts="tiered", path=str(tmp_path / "store"), name="demand", device="cpu",
+                         capacity_gpu=6, capacity_dram=16)
+    stores: list[LocalStore] = []
+    backend = open_backend(model, config, lambda c, layout: stores.append(LocalStore(c, layout)) or stores[-1],
+                           weight_decay=0.0, keep_checkpoints=1)
+    assert isinstance(backend, TieredBackend)
+    hot, client = stores[0].hot, backend.experts
+    truth = {"hits": 0, "misses": 0}
+    weights = client.weights
+
+    def counting_weights(layer, experts):  # what the MoE layers ask for: the demand
+        new = {ExpertKey(layer, e) for e in experts} - set(client.slots) - set(client.streamed)
+        resident = hot.resident()
+        truth["hits"] += sum(k in resident for k in new)
+        truth["misses"] += sum(k not in resident for k in new)
+        return weights(layer, experts)
+
+    client.weights = counting_weights
+    before = hot.stats()
+    for step in range(1, 7):
+        g = torch.Generator().manual_seed(step % 2)  # two alternating batches: the history predicts well
+        tokens = torch.randint(0, CFG.vocab_size, (2, CFG.max_seq_len + 1), generator=g)
+        backend.begin_step()
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+        backend.after_backward()
+        backend.step(1e-3)
+        backend.end_step(step)
+    after = hot.stats()
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (truth["hits"], truth["misses"])
+    assert truth["misses"] > 0 and truth["hits"] > 0
+    assert after["prefetch_issued"] > 0  # the predictor ran; its loads are not counted as accesses
+    assert after["prefetch_used"] + after["prefetch_wasted"] <= after["prefetch_issued"]
+    stores[0].close()

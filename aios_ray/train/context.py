@@ -1,5 +1,5 @@
 """The worker context: what the training loop needs from its surroundings (a plain process, a Ray Train
-worker, a Tune trial). The loop reaches Ray only through it, so the loop never imports ray."""
+worker; a Tune trial when tuning comes). The loop reaches Ray only through it, so the loop never imports ray."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one training function: local runs, Ray Train workers and Tune trials all call ``train_worker``.
+"""The one training function: local runs and Ray Train workers call ``train_worker``.
 
 Per optimizer step (nanoGPT shape): schedule -> micro-batches (forward, backward) -> clip -> step
 -> log -> stop file? -> eval / expert usage / checkpoint when due. Where the experts live is the
@@ -331,5 +331,5 @@ class Trainer:
 
 
 def train_worker(plan: RunPlan, data: TrainData, ctx: WorkerContext) -> dict[str, Any]:
-    """Train from a plan: the function that every entry point (local, Ray Train, Tune) runs."""
+    """Train from a plan: the function that every entry point (local, Ray Train) runs."""
     return Trainer(plan, data, ctx).run()
