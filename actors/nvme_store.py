@@ -96,7 +96,7 @@ class NvmeStoreActor:
     def stats(self) -> dict[str, float]:
         """Counters since this incarnation started (``pid`` tells incarnations apart)."""
         with self._stats_lock:
-            return {**self._stats, "pid": os.getpid(), "experts": len(self.store)}
+            return {"tier": "nvme", **self._stats, "pid": os.getpid(), "experts": len(self.store)}
 
     def _count(self, ops: str, nbytes: str, seconds: str, n: int, size: int, start: float) -> None:
         with self._stats_lock:

@@ -83,6 +83,17 @@ def test_two_workers_with_tiered_experts_train_like_two_workers_with_local_exper
             ray_local.get_actor(f"t-{suffix}", namespace="aios-ray")
     (local_losses, local_weights), (tiered_losses, tiered_weights) = runs["local"], runs["tiered"]
     assert tiered_losses == pytest.approx(local_losses, rel=1e-5)
+    # The store's counters through the actors: every tier in the log, the table and the plot's series.
+    from aios_ray.config import StoreConfig
+    from aios_ray.store.report import finished_store_stats, format_table
+    from aios_ray.tracking.jsonl import read_metrics
+    from aios_ray.tracking.plots import store_series
+
+    stats = finished_store_stats(StoreConfig(path=str(plan.bundle_root) + "/expert_store"))
+    assert [t["tier"] for t in stats["tiers"]] == ["hot", "dram", "nvme"]
+    table = format_table(stats)
+    assert table.splitlines()[1].split()[0] == "hot" and "nvme: 8 experts" in table
+    assert set(store_series(read_metrics(Path(plan.log_file)))) == {"hot", "dram"}
     assert set(tiered_weights) == set(local_weights)
     for name, tensor in local_weights.items():
         torch.testing.assert_close(tiered_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

@@ -32,7 +32,9 @@ def finished_store_stats(config: StoreConfig) -> dict[str, Any]:
 
 def format_table(stats: dict[str, Any]) -> str:
     rows = [COLUMNS]
-    for tier in stats["tiers"]:
+    caches = [t for t in stats["tiers"] if t.get("tier") != "nvme"]
+    disks = [t for t in stats["tiers"] if t.get("tier") == "nvme"]
+    for tier in caches:
         capacity = tier.get("slots")
         entries = f"{tier.get('entries', 0)}" + (f"/{capacity}" if capacity else "")
         rows.append((tier["tier"], entries, f"{tier.get('used_bytes', 0) / 2**20:.1f}", f"{tier['hits']:.0f}",
@@ -45,6 +47,10 @@ def format_table(stats: dict[str, Any]) -> str:
     header = f"step {stats['step']}: " if "step" in stats else ""
     extra = (f"{header}{stats.get('experts_used_last_step', '?')} experts used in the last step of "
              f"{stats.get('total_experts', '?')}" if "total_experts" in stats else "")
+    for disk in disks:  # the NVMe store has no hits: every read is a load
+        extra += (f"\nnvme: {disk['experts']:.0f} experts; {disk['reads']:.0f} reads "
+                  f"({disk['bytes_read'] / 2**20:.1f} MB, {disk['read_seconds']:.3f} s), {disk['writes']:.0f} writes "
+                  f"({disk['bytes_written'] / 2**20:.1f} MB, {disk['write_seconds']:.3f} s)")
     if "snapshots" in stats:
         extra += (f"\nsnapshots (the checkpoints a resume can return the store to): "
                   f"{', '.join(stats['snapshots']) or 'none'}")

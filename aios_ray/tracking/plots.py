@@ -104,6 +104,8 @@ def store_series(events: list[dict]) -> dict[str, dict[str, list[float]]]:
     previous: dict[str, dict] = {}
     for event in stats:
         for tier in event["tiers"]:
+            if "hits" not in tier:  # the NVMe store: no cache, every read is a load
+                continue
             name = tier["tier"]
             before = previous.get(name, {})
             if tier["hits"] < before.get("hits", 0):  # a new incarnation counts from zero
