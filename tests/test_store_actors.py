@@ -12,6 +12,7 @@ import torch
 
 from actors.tier_actors import create_store
 from aios_ray.config import StoreConfig
+from aios_ray.errors import DataError
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.train.optim import BETAS, EPS, build_optimizer
@@ -82,6 +83,18 @@ def test_training_through_the_actors_equals_local_and_is_durable_after_flush(ray
     assert after["misses"] == hot["misses"] and after["hits"] == hot["hits"] + len(resident)
     assert restarted.slots == resident
     restarted.end_step()
+    # `store stats --name` finds the running actors by the config's names and shows their own counters; every
+    # counter they report is also a dashboard gauge (the same numbers in all three places).
+    from actors.tier_actors import GAUGES, live_store_stats
+
+    live = live_store_stats(_config(tmp_path, "eq"), address=None)
+    hot_now, dram_now = ray.get([again.gpu[0].stats.remote(), again.dram.stats.remote()])
+    assert live["tiers"] == [hot_now, dram_now]
+    for tier in live["tiers"]:
+        numeric = {k for k, v in tier.items() if isinstance(v, int | float) and k != "slots"}
+        assert numeric <= set(GAUGES), numeric - set(GAUGES)
+    with pytest.raises(DataError, match="no running store actors"):
+        live_store_stats(_config(tmp_path, "nobody"), address=None)
     # Every tier answers prefetch(layer, expert_ids).
     ray.get([again.gpu[0].prefetch.remote(0, [0, 1]), again.dram.prefetch.remote(0, [0, 1]),
              again.nvme.prefetch.remote(0, [0, 1])])
