@@ -8,6 +8,7 @@ micro-batch, the expert store snapshot it was written with, and the run's id).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,11 +102,21 @@ def newest_checkpoint_of_run(bundle: Bundle, run_id: str) -> Path | None:
     return None
 
 
-def resume_source(restored: Path | None, bundle: Bundle, run_id: str, resume_from: str | None) -> Path | None:
+def resume_source(restored: Path | None, bundle: Bundle, run_id: str, resume_from: str | None,
+                  agree: Callable[[int], int] = lambda step: step) -> Path | None:
     """Where a (re)started worker resumes: the newest of the checkpoint Ray Train restored and this run's own
     newest checkpoint in the bundle (Ray's controller may not have taken in the last report when a worker
-    died right after writing it); with neither, the bundle a new run resumes (``--model``), if any."""
+    died right after writing it); with neither, the bundle a new run resumes (``--model``), if any.
+
+    ``agree`` takes each worker's newest step and returns the one all workers resume from (the smallest: a
+    worker on another node than the bundle sees only Ray's checkpoint, which every worker has)."""
     candidates = [p for p in (restored, newest_checkpoint_of_run(bundle, run_id)) if p is not None]
-    if candidates:
-        return max(candidates, key=checkpoint_step)
+    newest = max(candidates, key=checkpoint_step) if candidates else None
+    step = agree(checkpoint_step(newest) if newest is not None else -1)
+    chosen = next((p for p in candidates if checkpoint_step(p) == step), None)
+    if chosen is not None:
+        return chosen
+    if candidates:  # a step no checkpoint here has: the workers cannot agree on a state, so say so
+        raise BundleError(f"workers resume from different checkpoints: step {step} is not among "
+                          f"{sorted(checkpoint_step(p) for p in candidates)} here")
     return Path(resume_from) if resume_from else None

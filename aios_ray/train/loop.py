@@ -60,7 +60,8 @@ class Trainer:
         self.state = TrainerState(micro_batch=tc.batch_size)
         self.bundle = Bundle(Path(plan.bundle_root))
         with self.ctx.restored_checkpoint() as ray_checkpoint:
-            source = resume_source(ray_checkpoint, self.bundle, plan.run_id, plan.resume_from)
+            source = resume_source(ray_checkpoint, self.bundle, plan.run_id, plan.resume_from,
+                                   agree=ctx.min_over_ranks)
             if source is not None:
                 load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
             self.experts: ExpertBackend = open_backend(

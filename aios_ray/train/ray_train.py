@@ -53,6 +53,13 @@ class RayTrainContext:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def min_over_ranks(self, value: int) -> int:
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Path | None]:
         """After a worker failure Ray restarts the function; it resumes from the last reported checkpoint."""
