@@ -68,3 +68,37 @@ def test_help_documents_every_flag(capsys):
                  "--amp", "--no-amp", "--use-moe", "--no-moe", "--address", "--num-workers", "--use-gpu",
                  "--gradient-checkpointing", "--halt-max-steps", "--auto-adjust-lr", "--eval-batches"):
         assert flag in text
+
+
+def test_the_store_section_is_one_config_with_flags_mapped_onto_it(tmp_path: Path):
+    from aios_ray.config import StoreConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("store:\n  experts: tiered\n  capacity_gpu: 3\n  path: /data/store\n  stats_interval: 7\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--capacity-dram", "5", "--store-name", "s1",
+                                      "--no-prefetch"])
+    store = config_from_args(args).store
+    assert store == StoreConfig(experts="tiered", capacity_gpu=3, capacity_dram=5, path="/data/store", name="s1",
+                                prefetch=False, stats_interval=7)
+    assert not store.is_resolved  # device 'auto' is decided once per run, with the model's expert count
+    resolved = store.resolved("/bundles/b", "brain", total_experts=32, use_gpu=False)
+    assert (resolved.path, resolved.name, resolved.device, resolved.capacity_gpu, resolved.capacity_dram) == (
+        "/data/store", "s1", "cpu", 3, 5)
+    defaults = StoreConfig(experts="tiered").resolved("/bundles/b", "brain", total_experts=32, use_gpu=True)
+    assert (defaults.path, defaults.name, defaults.device, defaults.capacity_gpu) == (
+        "/bundles/b/expert_store", "brain", "cuda", 32)
+    assert defaults.is_resolved
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("store:\n  capacity_gpu: -1\n", "--capacity-gpu must be >= 0"),
+    ("store:\n  device: tpu\n", "--store-device 'tpu'"),
+    ("store:\n  experts: remote\n", "--experts 'remote'"),
+    ("store:\n  name: ../up\n", "--store-name '../up' is not a plain directory name"),
+    ("store:\n  slots: 4\n", r"unknown key\(s\) \['slots'\] in StoreConfig"),
+])
+def test_impossible_store_values_name_the_culprit(tmp_path: Path, yaml_text: str, message: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_yaml_config(str(path))
