@@ -1,0 +1,1 @@
+"""Sequential multi-game reinforcement learning on RLlib: environments, agent, schedule."""
