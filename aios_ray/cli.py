@@ -12,6 +12,7 @@ from typing import Any
 
 from aios_ray.config import SECTIONS, Config, load_yaml_config, merge
 from aios_ray.errors import UserError
+from aios_ray.rl.config import RLConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,8 +22,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for section, section_cls in SECTIONS.items():
+def _add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] | None = None) -> None:
+    for section, section_cls in (sections or SECTIONS).items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(section_cls):
             if not f.metadata.get("cli", True):
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG path (default: next to the log file, .png)")
     plot.set_defaults(func=_cmd_plot)
 
+    rl = commands.add_parser("rl", help="sequential multi-game RL on RLlib (MoE agent, environment detector)")
+    rl_commands = rl.add_subparsers(dest="rl_command", required=True, parser_class=OneLineParser)
+    sequential = rl_commands.add_parser("sequential", help="play the games one after another; evaluate every game "
+                                        "after each phase (retention matrix)",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sequential.add_argument("--config", metavar="NAME_OR_YAML",
+                            help="preset name (configs/NAME.yaml) or a YAML file with an 'rl:' section")
+    _add_config_flags(sequential, {"rl": RLConfig})
+    sequential.set_defaults(func=_cmd_rl_sequential)
+
     store = commands.add_parser("store", help="the tiered expert store")
     store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=OneLineParser)
     stats = store_commands.add_parser("stats", help="per-tier occupancy, hit rates and bytes moved")
@@ -100,6 +111,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
           + (f", eval_loss {summary['eval_loss']:.4f} (ppl {summary['ppl']:.2f})" if "eval_loss" in summary else ""))
     print(f"brain bundle: {plan.bundle_root}")
     print(f"metrics:      {plan.log_file}")
+    return 0
+
+
+def _cmd_rl_sequential(args: argparse.Namespace) -> int:
+    from aios_ray.rl.config import load_rl_yaml, rl_config_from_dict
+    from aios_ray.rl.sequential import run_sequential
+
+    values = load_rl_yaml(args.config) if args.config else {}
+    values.update({key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("rl.")})
+    summary = run_sequential(rl_config_from_dict(values, source=args.config or "flags"))
+    print(f"run directory:    {summary['run_dir']}")
+    print(f"retention matrix: {summary['run_dir']}/retention.json (and .csv)")
     return 0
 
 

@@ -69,3 +69,19 @@ def test_detector_trained_online_names_the_games(suite: str, games: list[str]):
     assert len(watch.detected_after) == len(games) and max(watch.detected_after) <= 5
     vote = trainer.predict(held_out[labels == 1][:32])
     assert vote.game == 1 and vote.confidence >= 0.9
+
+
+def test_detector_learning_one_game_after_another_remembers_the_earlier_ones():
+    """Games come in sequence: each phase's frames are of one game only. The detector's replay memory keeps the
+    earlier games named (a detector trained on the current game alone names only that one)."""
+    games = ["synth0", "synth1", "synth2"]
+    torch.manual_seed(0)
+    trainer = DetectorTrainer(EnvironmentDetector((10, 10, 10), num_games=len(games)), lr=3e-3, seed=0)
+    for index, game in enumerate(games):
+        for batch in range(4):
+            frames, _ = _frames([game], per_game=64, seed=10 * index + batch)
+            trainer.update(frames, np.full(len(frames), index), minibatch=64, epochs=2)
+    held_out, labels = _frames(games, per_game=100, seed=7)
+    per_game = [trainer.accuracy(held_out[labels == i], labels[labels == i]) for i in range(len(games))]
+    assert min(per_game) >= 0.95, per_game
+    assert all(len(trainer.memory[i]) == 256 for i in range(len(games)))

@@ -11,7 +11,11 @@ it frames and labels, and asks it for a prediction.
 - ``EnvironmentDetector``: the network, obs -> logits over the run's games. Deliberately smaller than
   the policy's encoder: telling games apart from one frame is far easier than playing them.
 - ``DetectorTrainer``: Adam on cross-entropy, one ``update(frames, games)`` per batch; ``predict``
-  takes a majority vote over a batch of frames (all from one environment), with its confidence.
+  takes a majority vote over a batch of frames (all from one environment), with its confidence. The
+  games come one after another, so a detector trained on the current batch alone would forget the
+  earlier games as surely as any network (it would then name only the game being played). It keeps a
+  small memory of frames per game and learns from the new batch mixed with as many remembered frames of
+  every other game.
 - ``SwitchWatch``: after a game switch, how many frames the detector needed until it named the new
   game and kept naming it (the "steps after a switch" the issue asks for).
 """
@@ -62,30 +66,67 @@ class Prediction:
 
 
 class DetectorTrainer:
-    def __init__(self, detector: EnvironmentDetector, lr: float = 1e-3, seed: int = 0) -> None:
+    def __init__(self, detector: EnvironmentDetector, lr: float = 1e-3, seed: int = 0,
+                 memory_per_game: int = 1024) -> None:
         self.detector = detector
         self.optimizer = torch.optim.Adam(detector.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.memory_per_game = memory_per_game
+        self.memory: dict[int, np.ndarray] = {}  # per game: up to memory_per_game frames (reservoir sample)
+        self.seen_per_game: dict[int, int] = {}
         self.frames_seen = 0
 
+    def _remember(self, frames: np.ndarray, games: np.ndarray) -> None:
+        """Reservoir sampling per game: every frame seen so far has the same chance to be in memory."""
+        for game in np.unique(games):
+            for frame in frames[games == game]:
+                seen = self.seen_per_game.get(int(game), 0)
+                stored = self.memory.get(int(game))
+                if stored is None or len(stored) < self.memory_per_game:
+                    self.memory[int(game)] = frame[None] if stored is None else np.concatenate([stored, frame[None]])
+                else:
+                    slot = int(self.rng.integers(seen + 1))
+                    if slot < self.memory_per_game:
+                        stored[slot] = frame
+                self.seen_per_game[int(game)] = seen + 1
+
+    def _replay(self, games: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` remembered frames of every game not in this batch (none before a second game exists)."""
+        frames, labels = [], []
+        for game, stored in self.memory.items():
+            if game in games:
+                continue
+            pick = self.rng.choice(len(stored), size=min(count, len(stored)), replace=False)
+            frames.append(stored[pick])
+            labels.append(np.full(len(pick), game))
+        return (np.concatenate(frames), np.concatenate(labels)) if frames else (np.empty(0), np.empty(0))
+
     def update(self, frames: np.ndarray | torch.Tensor, games: np.ndarray | torch.Tensor,
-               minibatch: int = 256) -> dict[str, float]:
-        """One pass over a labelled batch of frames in shuffled minibatches; returns the mean loss and the
-        accuracy on the batch *before* the update (an honest online estimate: these frames were unseen)."""
-        obs, labels = torch.as_tensor(frames), torch.as_tensor(games, dtype=torch.long)
+               minibatch: int = 256, epochs: int = 1) -> dict[str, float]:
+        """One pass over a labelled batch of frames, mixed with remembered frames of the other games, in
+        shuffled minibatches; returns the mean loss and the accuracy on the new batch *before* the update (an
+        honest online estimate: these frames were unseen)."""
+        new_frames, new_games = np.asarray(frames), np.asarray(games, dtype=np.int64)
+        obs, labels = torch.as_tensor(new_frames), torch.as_tensor(new_games)
         with torch.no_grad():
             accuracy = float((self.detector(obs).argmax(dim=1) == labels).float().mean())
-        order = torch.randperm(len(obs), generator=self.generator)
+        old_frames, old_games = self._replay(new_games, count=len(new_frames))
+        self._remember(new_frames, new_games)
+        if len(old_frames):
+            obs = torch.cat([obs, torch.as_tensor(old_frames)])
+            labels = torch.cat([labels, torch.as_tensor(old_games, dtype=torch.long)])
+        order = torch.cat([torch.randperm(len(obs), generator=self.generator) for _ in range(epochs)])
         losses = []
         self.detector.train()
-        for start in range(0, len(obs), minibatch):
+        for start in range(0, len(order), minibatch):
             idx = order[start:start + minibatch]
             loss = F.cross_entropy(self.detector(obs[idx]), labels[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-        self.frames_seen += len(obs)
+        self.frames_seen += len(new_frames)
         return {"detector_loss": float(np.mean(losses)), "detector_accuracy": accuracy}
 
     @torch.no_grad()
@@ -93,6 +134,12 @@ class DetectorTrainer:
         self.detector.eval()
         predicted = self.detector(torch.as_tensor(frames)).argmax(dim=1)
         return float((predicted == torch.as_tensor(games, dtype=torch.long)).float().mean())
+
+    @torch.no_grad()
+    def predict_each(self, frames: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The game each frame shows, on its own."""
+        self.detector.eval()
+        return self.detector(torch.as_tensor(frames)).argmax(dim=1).numpy()
 
     @torch.no_grad()
     def predict(self, frames: np.ndarray | torch.Tensor) -> Prediction:

@@ -1,0 +1,89 @@
+"""Settings of a sequential multi-game RL run (``aios-ray rl sequential``): one dataclass, validated in
+``__post_init__``; the CLI builds its flags from these fields (the help text is the ``--help``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from aios_ray.config import ConfigError, _check_name, _opt, _positive, build_section, resolve_preset
+
+
+@dataclass
+class RLConfig:
+    suite: str = _opt("minatar", "game suite: 'atari' (ALE, 84x84x4), 'minatar' (10x10 boards) or 'synthetic' "
+                                 "(tests only)")
+    games: str = _opt("Breakout,SpaceInvaders,Freeway", "games in the order they are played, comma-separated")
+    steps_per_game: int = _opt(50_000, "env steps of training per game and visit")
+    cycles: int = _opt(1, "visit the list of games this many times")
+    num_experts: int = _opt(8, "experts per MoE layer (shared ones included)")
+    num_experts_per_tok: int = _opt(2, "experts each observation is routed to (top-k)")
+    shared_experts: int = _opt(2, "experts every game may use; the rest are split into one group per game")
+    expert_hidden: int = _opt(128, "hidden width of one expert")
+    hidden: int = _opt(128, "feature width: the encoder's output and the MoE blocks' residual stream")
+    moe_layers: int = _opt(1, "residual MoE blocks between the encoder and the heads")
+    dense: bool = _opt(False, "baseline: a dense SwiGLU FFN with the MoE's active parameters per step")
+    routing: str = _opt("groups", "'groups': the router is restricted to the active game's group (plus shared "
+                                  "experts); 'free': unrestricted (the ablation)")
+    lb_coef: float = _opt(0.01, "weight of the MoE load-balance loss in the PPO loss")
+    lr: float = _opt(5e-4, "PPO learning rate")
+    num_env_runners: int = _opt(0, "RLlib env runner actors (0: sample in the driver process)")
+    num_envs_per_env_runner: int = _opt(8, "vectorised environments per env runner")
+    rollout_length: int = _opt(64, "env steps per environment per sample (rollout fragment length)")
+    minibatch_size: int = _opt(256, "PPO minibatch size")
+    num_epochs: int = _opt(4, "PPO epochs over each train batch")
+    eval_episodes: int = _opt(5, "episodes per game at each evaluation")
+    detector_frames: int = _opt(128, "frames of the current game the environment detector learns from per "
+                                     "training iteration")
+    seed: int = _opt(0, "seed of the environments, the module and the detector")
+    run_dir: str | None = _opt(None, "where the run writes metrics, the retention matrix and checkpoints; "
+                                     "default artifacts/rl/<run-name>")
+    run_name: str = _opt("sequential", "name of the run directory under artifacts/rl")
+
+    def __post_init__(self) -> None:
+        for name in ("steps_per_game", "cycles", "num_experts", "num_experts_per_tok", "expert_hidden", "hidden",
+                     "moe_layers", "lr", "num_envs_per_env_runner", "rollout_length", "minibatch_size",
+                     "num_epochs", "eval_episodes", "detector_frames"):
+            _positive(name, getattr(self, name))
+        if self.num_env_runners < 0 or self.shared_experts < 0 or self.lb_coef < 0:
+            raise ConfigError("--num-env-runners, --shared-experts and --lb-coef must be >= 0")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"--num-experts-per-tok {self.num_experts_per_tok} exceeds --num-experts "
+                              f"{self.num_experts}")
+        if self.routing not in ("groups", "free"):
+            raise ConfigError(f"--routing {self.routing!r}: expected 'groups' or 'free'")
+        _check_name("--run-name", self.run_name)
+
+    @property
+    def game_list(self) -> list[str]:
+        return [g for g in self.games.split(",")]
+
+    @property
+    def train_batch_size(self) -> int:
+        """One iteration's samples: every environment of every runner (the driver's when there are none)."""
+        return max(self.num_env_runners, 1) * self.num_envs_per_env_runner * self.rollout_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rl_config_from_dict(values: dict[str, Any], source: str = "config") -> RLConfig:
+    return build_section(RLConfig, values, source)
+
+
+def load_rl_yaml(name_or_path: str) -> dict[str, Any]:
+    """The ``rl:`` section of a preset (``configs/NAME.yaml``) or YAML file, validated, naming the file."""
+    path = resolve_preset(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) != {"rl"} or not isinstance(data["rl"], dict):
+        raise ConfigError(f"{path}: expected one mapping section 'rl:'")
+    rl_config_from_dict(data["rl"], source=str(path))  # validate early, naming the file
+    return dict(data["rl"])

@@ -1,0 +1,265 @@
+"""Sequential multi-game PPO on RLlib: play game 1, then game 2, ...; after each phase evaluate every game.
+
+Per phase (one game, ``steps_per_game`` env steps):
+
+1. switch: the env runners make the phase's environment, and the learner's module restricts its MoE
+   layers to the game's expert group and hands the env runners that group's experts;
+2. train: ``algo.train()`` until the phase's env steps are sampled; after each iteration the environment
+   detector learns from frames of the current game played by the current policy (the schedule knows the
+   game, so the frames are labelled);
+3. evaluate every game of the list (seen and not yet seen): the detector names the game from the first
+   frame of each episode (the policy is never told), the module routes to the named game's group, and the
+   episode is played greedily. The mean returns fill one row of the retention matrix.
+
+Outputs in the run directory: ``metrics.jsonl`` (one ``iteration`` line per PPO iteration, a ``phase_end``
+line per phase), ``retention.json`` and ``retention.csv`` (rows: after phase i; columns: games), with the
+random-policy score of every game beside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aios_ray.config import ConfigError
+from aios_ray.durable import atomic_write_bytes, atomic_write_json
+from aios_ray.rl.config import RLConfig
+from aios_ray.rl.detector import DetectorTrainer, EnvironmentDetector, SwitchWatch
+from aios_ray.rl.envs import make_env, register_rllib_env, suite_spaces, validate_games
+from aios_ray.rl.module import MoEAgentModule, expert_groups, set_active_game_everywhere
+from aios_ray.tracking.jsonl import MetricsLog, format_seconds, say
+
+
+@dataclasses.dataclass
+class Phase:
+    index: int  # position in the whole schedule (cycles included)
+    game: str
+    game_index: int  # position in the list of games: the expert group it owns
+
+
+def plan_phases(games: list[str], cycles: int) -> list[Phase]:
+    return [Phase(c * len(games) + i, game, i) for c in range(cycles) for i, game in enumerate(games)]
+
+
+def model_config(cfg: RLConfig, num_games: int) -> dict[str, Any]:
+    try:
+        groups = expert_groups(cfg.num_experts, num_games, cfg.shared_experts)
+    except ValueError as exc:
+        raise ConfigError(f"--num-experts/--shared-experts: {exc}") from None
+    if len(groups[0]) < cfg.num_experts_per_tok:
+        raise ConfigError(f"each game's group has {len(groups[0])} experts, fewer than --num-experts-per-tok "
+                          f"{cfg.num_experts_per_tok}: raise --num-experts or --shared-experts")
+    return {"hidden": cfg.hidden, "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "dense": cfg.dense,
+            "routing": cfg.routing, "groups": groups, "lb_coef": cfg.lb_coef}
+
+
+def build_algo(cfg: RLConfig, games: list[str]) -> Any:
+    """RLlib PPO (new API stack) with the MoE agent and its learner, on the first game."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from aios_ray.rl.learner import MoEPPOLearner
+
+    config = (
+        PPOConfig()
+        .environment(env=register_rllib_env(), env_config={"suite": cfg.suite, "game": games[0]})
+        .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+                     rollout_fragment_length=cfg.rollout_length)
+        .learners(num_learners=0)
+        .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size,
+                  minibatch_size=min(cfg.minibatch_size, cfg.train_batch_size), num_epochs=cfg.num_epochs,
+                  learner_class=MoEPPOLearner)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=MoEAgentModule,
+                                               model_config=model_config(cfg, len(games))))
+        .debugging(seed=cfg.seed)
+    )
+    return config.build_algo()
+
+
+def switch_game(algo: Any, cfg: RLConfig, phase: Phase) -> int:
+    """The env runners play ``phase.game`` from now on, with its expert group; returns the bytes each env
+    runner received for the switch (only the active group's experts travel)."""
+    env_config = {"suite": cfg.suite, "game": phase.game}
+
+    def remake(env_runner: Any) -> None:
+        env_runner.config.environment(env_config=env_config)
+        env_runner.make_env()
+
+    algo.env_runner_group.foreach_env_runner(remake)
+    return set_active_game_everywhere(algo, phase.game_index)
+
+
+def _learner_module(algo: Any) -> MoEAgentModule:
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]  # num_learners=0: the learner lives here
+    return module.unwrapped()
+
+
+@torch.no_grad()
+def greedy_action(module: MoEAgentModule, obs: np.ndarray) -> int:
+    from ray.rllib.core.columns import Columns
+
+    out = module.forward_inference({Columns.OBS: torch.as_tensor(obs[None])})
+    return int(out[Columns.ACTION_DIST_INPUTS].argmax(dim=-1)[0])
+
+
+def _act(module: MoEAgentModule | None, obs: np.ndarray, rng: np.random.Generator, num_actions: int) -> int:
+    return greedy_action(module, obs) if module is not None else int(rng.integers(num_actions))
+
+
+def evaluate_game(module: MoEAgentModule | None, suite: str, game: str, episodes: int, seed: int,
+                  detector: DetectorTrainer | None = None, true_index: int | None = None) -> dict[str, Any]:
+    """Mean return over ``episodes`` of ``game``, played greedily by ``module`` (None: a uniform random
+    policy). With a detector, the module routes to the group of the game the detector names from each
+    episode's first frame; ``detector_right`` is the share of episodes where that was ``true_index``."""
+    env = make_env(suite, game, seed=seed)
+    rng = np.random.default_rng(seed)
+    returns, right = [], []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        if module is not None and detector is not None:
+            named = detector.predict(obs[None]).game
+            right.append(named == true_index)
+            module.set_active_game(named)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(_act(module, obs, rng, env.action_space.n))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return {"return": float(np.mean(returns)), "detector_right": float(np.mean(right)) if right else None}
+
+
+def rollout_frames(module: MoEAgentModule, suite: str, game: str, count: int, seed: int) -> np.ndarray:
+    """``count`` frames of ``game`` as the current policy plays it (new episodes as needed)."""
+    env = make_env(suite, game, seed=seed)
+    rng = np.random.default_rng(seed)
+    frames: list[np.ndarray] = []
+    obs, _ = env.reset(seed=seed)
+    while len(frames) < count:
+        frames.append(obs)
+        obs, _, terminated, truncated, _ = env.step(_act(module, obs, rng, env.action_space.n))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return np.stack(frames)
+
+
+class SequentialRun:
+    def __init__(self, cfg: RLConfig) -> None:
+        self.cfg = cfg
+        self.games = validate_games(cfg.suite, cfg.game_list)
+        self.game_ids = {g: i for i, g in enumerate(self.games)}
+        model_config(cfg, len(self.games))  # refuse impossible groups before anything is written
+        self.run_dir = Path(cfg.run_dir or Path("artifacts/rl") / cfg.run_name).resolve()
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ConfigError(f"run directory {self.run_dir} already exists: choose another --run-name or --run-dir")
+        self.phases = plan_phases(self.games, cfg.cycles)
+        obs_space, _ = suite_spaces(cfg.suite)
+        torch.manual_seed(cfg.seed)
+        self.detector = DetectorTrainer(EnvironmentDetector(obs_space.shape, len(self.games)), seed=cfg.seed)
+        self.switch_watch = SwitchWatch()
+        self.retention: list[list[float]] = []
+
+    def run(self) -> dict[str, Any]:
+        from aios_ray.train.ray_train import ensure_ray
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "rl_args.json", self.cfg.to_dict())
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        ensure_ray(None)
+        random_scores = {g: evaluate_game(None, self.cfg.suite, g, self.cfg.eval_episodes, self.cfg.seed)["return"]
+                         for g in self.games}
+        self.log.write("random_scores", step=0, **random_scores)
+        algo = build_algo(self.cfg, self.games)
+        try:
+            started, total_steps = time.perf_counter(), self.cfg.steps_per_game * len(self.phases)
+            for phase in self.phases:
+                sync_bytes = switch_game(algo, self.cfg, phase)
+                self._train_phase(algo, phase, started, total_steps, sync_bytes)
+                self._evaluate(algo, phase)
+                self._write_retention(random_scores)
+        finally:
+            algo.stop()
+            self.log.close()
+        return {"run_dir": str(self.run_dir), "games": self.games, "retention": self.retention,
+                "random_scores": random_scores}
+
+    def _train_phase(self, algo: Any, phase: Phase, started: float, total_steps: int, sync_bytes: int) -> None:
+        from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+        done_before = phase.index * self.cfg.steps_per_game
+        phase_steps, first = 0, None
+        while phase_steps < self.cfg.steps_per_game:
+            t0 = time.perf_counter()
+            result = algo.train()
+            runners = result.get(ENV_RUNNER_RESULTS, {})
+            lifetime = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+            first = lifetime - self.cfg.train_batch_size if first is None else first
+            phase_steps = lifetime - first
+            episode_return = runners.get(EPISODE_RETURN_MEAN)
+            detector = self._teach_detector(algo, phase)
+            elapsed = time.perf_counter() - started
+            done = done_before + phase_steps
+            sps = self.cfg.train_batch_size / (time.perf_counter() - t0)
+            eta = elapsed / max(done, 1) * max(total_steps - done, 0)
+            self.log.write("iteration", step=done, game=phase.game, phase=phase.index, phase_steps=phase_steps,
+                           episode_return_mean=episode_return, env_steps_per_sec=sps, sync_bytes=sync_bytes,
+                           **detector)
+            ret = f"{episode_return:.2f}" if episode_return is not None else "n/a"
+            say(f"rl  phase {phase.index + 1}/{len(self.phases)} {phase.game:<14} | steps {phase_steps:,}/"
+                f"{self.cfg.steps_per_game:,} | return {ret} | {sps:,.0f} env steps/s | "
+                f"detector {detector['detector_accuracy']:.2f} | ETA {format_seconds(eta)}")
+
+    def _teach_detector(self, algo: Any, phase: Phase) -> dict[str, float]:
+        """Frames of the current game, played by the current policy, labelled with the game."""
+        seed = self.cfg.seed + 1000 * (phase.index + 1) + self.detector.frames_seen
+        frames = rollout_frames(_learner_module(algo), self.cfg.suite, phase.game, self.cfg.detector_frames, seed)
+        predicted = self.detector.predict_each(frames)  # before it learns from them: what a switch would see
+        for named in predicted:
+            self.switch_watch.observe(phase.game_index, int(named))
+        return self.detector.update(frames, np.full(len(frames), phase.game_index), minibatch=64, epochs=4)
+
+    def _evaluate(self, algo: Any, phase: Phase) -> None:
+        module = _learner_module(algo)
+        row, right = [], []
+        for game in self.games:
+            result = evaluate_game(module, self.cfg.suite, game, self.cfg.eval_episodes, self.cfg.seed + 7,
+                                   detector=self.detector, true_index=self.game_ids[game])
+            row.append(result["return"])
+            right.append(result["detector_right"])
+        module.set_active_game(phase.game_index)  # back to the game being trained
+        self.retention.append(row)
+        self.log.write("phase_end", step=(phase.index + 1) * self.cfg.steps_per_game, game=phase.game,
+                       phase=phase.index, returns=dict(zip(self.games, row, strict=True)),
+                       detector_right=dict(zip(self.games, right, strict=True)),
+                       detector_frames_to_detect=list(self.switch_watch.detected_after))
+        say(f"rl  after phase {phase.index + 1} ({phase.game}): " + ", ".join(
+            f"{g} {r:.2f}" for g, r in zip(self.games, row, strict=True)))
+
+    def _write_retention(self, random_scores: dict[str, float]) -> None:
+        phases = [f"{p.index + 1}:{p.game}" for p in self.phases[:len(self.retention)]]
+        atomic_write_json(self.run_dir / "retention.json", {
+            "games": self.games, "phases": phases, "matrix": self.retention, "random_scores": random_scores,
+            "rows": "after phase i", "columns": "mean greedy return on each game (detector-routed)"})
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["after_phase", *self.games])
+        for name, row in zip(phases, self.retention, strict=True):
+            writer.writerow([name, *(f"{r:.4f}" for r in row)])
+        writer.writerow(["random_policy", *(f"{random_scores[g]:.4f}" for g in self.games)])
+        atomic_write_bytes(self.run_dir / "retention.csv", text.getvalue().encode("utf-8"))
+
+
+def run_sequential(cfg: RLConfig) -> dict[str, Any]:
+    return SequentialRun(cfg).run()
