@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sequential.add_argument("--config", metavar="NAME_OR_YAML",
                             help="preset name (configs/NAME.yaml) or a YAML file with an 'rl:' section")
+    sequential.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue this run from its newest checkpoint, with the settings it started with")
     _add_config_flags(sequential, {"rl": RLConfig})
     sequential.set_defaults(func=_cmd_rl_sequential)
 
@@ -116,11 +118,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_rl_sequential(args: argparse.Namespace) -> int:
     from aios_ray.rl.config import load_rl_yaml, rl_config_from_dict
-    from aios_ray.rl.sequential import run_sequential
+    from aios_ray.rl.sequential import resume_sequential, run_sequential
 
-    values = load_rl_yaml(args.config) if args.config else {}
-    values.update({key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("rl.")})
-    summary = run_sequential(rl_config_from_dict(values, source=args.config or "flags"))
+    flags = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("rl.")}
+    if args.resume:
+        if args.config or flags:
+            raise UserError("--resume takes the run's own settings: give no --config or other flags with it")
+        summary = resume_sequential(args.resume)
+    else:
+        values = load_rl_yaml(args.config) if args.config else {}
+        summary = run_sequential(rl_config_from_dict({**values, **flags}, source=args.config or "flags"))
     print(f"run directory:    {summary['run_dir']}")
     print(f"retention matrix: {summary['run_dir']}/retention.json (and .csv)")
     return 0

@@ -45,3 +45,55 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, flags:
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not run_dir.exists()
+
+
+def test_a_run_killed_mid_phase_resumes_from_its_last_checkpoint(ray_local, tmp_path: Path):
+    """SIGKILL the run during its 5th PPO iteration (checkpoints every 2): `--resume` continues from iteration 4
+    of the first game with the detector, schedule and retention rows it had, and the log ends up holding every
+    iteration exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, "-m", "aios_ray", "rl", "sequential", "--config", "rl_synthetic",
+                                "--run-dir", str(run_dir), "--checkpoint-every", "2"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if log.exists() and any(e.get("iteration", 0) >= 5 for e in _read(log)):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the run and the local Ray it started
+        process.wait()
+    assert max(e.get("iteration", 0) for e in _read(log)) >= 5, "the run ended or stalled before the kill"
+    assert main(["rl", "sequential", "--resume", str(run_dir)]) == 0
+    (restart,) = events(log, "restart")
+    assert (restart["phase"], restart["phase_steps"], restart["step"]) == (0, 1024, 1024)
+    iterations = events(log, "iteration")
+    assert [e["iteration"] for e in iterations] == list(range(1, 13))
+    assert [e["phase_steps"] for e in iterations] == [256 * i for i in range(1, 7)] * 2
+    retention = json.loads((run_dir / "retention.json").read_text())
+    assert len(retention["matrix"]) == 2
+    assert events(log, "phase_end")[-1]["detector_right"] == {"synth0": 1.0, "synth1": 1.0}
+
+
+def _read(log: Path) -> list[dict]:
+    lines = []
+    for line in log.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            continue
+    return lines
+
+
+def test_resume_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys):
+    assert main(["rl", "sequential", "--resume", str(tmp_path)]) == 2
+    assert "no rl_args.json" in capsys.readouterr().err

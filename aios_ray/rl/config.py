@@ -42,14 +42,16 @@ class RLConfig:
     run_dir: str | None = _opt(None, "where the run writes metrics, the retention matrix and checkpoints; "
                                      "default artifacts/rl/<run-name>")
     run_name: str = _opt("sequential", "name of the run directory under artifacts/rl")
+    checkpoint_every: int = _opt(0, "also checkpoint every this many PPO iterations (0: at the end of each phase "
+                                    "only)")
 
     def __post_init__(self) -> None:
         for name in ("steps_per_game", "cycles", "num_experts", "num_experts_per_tok", "expert_hidden", "hidden",
                      "moe_layers", "lr", "num_envs_per_env_runner", "rollout_length", "minibatch_size",
                      "num_epochs", "eval_episodes", "detector_frames"):
             _positive(name, getattr(self, name))
-        if self.num_env_runners < 0 or self.shared_experts < 0 or self.lb_coef < 0:
-            raise ConfigError("--num-env-runners, --shared-experts and --lb-coef must be >= 0")
+        if min(self.num_env_runners, self.shared_experts, self.lb_coef, self.checkpoint_every) < 0:
+            raise ConfigError("--num-env-runners, --shared-experts, --lb-coef and --checkpoint-every must be >= 0")
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(f"--num-experts-per-tok {self.num_experts_per_tok} exceeds --num-experts "
                               f"{self.num_experts}")

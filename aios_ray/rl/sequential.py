@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ import torch
 
 from aios_ray.config import ConfigError
 from aios_ray.durable import atomic_write_bytes, atomic_write_json
-from aios_ray.rl.config import RLConfig
+from aios_ray.errors import DataError
+from aios_ray.rl.checkpoint import ScheduleState, latest_checkpoint, load_checkpoint, save_checkpoint
+from aios_ray.rl.config import RLConfig, rl_config_from_dict
 from aios_ray.rl.detector import DetectorTrainer, EnvironmentDetector, SwitchWatch
 from aios_ray.rl.envs import make_env, register_rllib_env, suite_spaces, validate_games
 from aios_ray.rl.module import MoEAgentModule, expert_groups, set_active_game_everywhere
@@ -124,6 +127,7 @@ def evaluate_game(module: MoEAgentModule | None, suite: str, game: str, episodes
     env = make_env(suite, game, seed=seed)
     rng = np.random.default_rng(seed)
     returns, right = [], []
+    counts: list[np.ndarray] = []  # per MoE layer: how often each expert was chosen
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
         if module is not None and detector is not None:
@@ -133,11 +137,23 @@ def evaluate_game(module: MoEAgentModule | None, suite: str, game: str, episodes
         total, done = 0.0, False
         while not done:
             obs, reward, terminated, truncated, _ = env.step(_act(module, obs, rng, env.action_space.n))
+            if module is not None:
+                _count_experts(module, counts)
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
     env.close()
-    return {"return": float(np.mean(returns)), "detector_right": float(np.mean(right)) if right else None}
+    return {"return": float(np.mean(returns)), "detector_right": float(np.mean(right)) if right else None,
+            "expert_counts": [c.tolist() for c in counts]}
+
+
+def _count_experts(module: MoEAgentModule, counts: list[np.ndarray]) -> None:
+    """Add the latest forward's routing choices (per MoE layer) to ``counts``."""
+    for layer, stats in enumerate(module.last_moe_stats):
+        chosen = stats.token_counts.detach().cpu().numpy()
+        if layer == len(counts):
+            counts.append(np.zeros_like(chosen))
+        counts[layer] += chosen
 
 
 def rollout_frames(module: MoEAgentModule, suite: str, game: str, count: int, seed: int) -> np.ndarray:
@@ -156,70 +172,98 @@ def rollout_frames(module: MoEAgentModule, suite: str, game: str, count: int, se
 
 
 class SequentialRun:
-    def __init__(self, cfg: RLConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RLConfig, resume: bool = False) -> None:
+        self.cfg, self.resume = cfg, resume
         self.games = validate_games(cfg.suite, cfg.game_list)
         self.game_ids = {g: i for i, g in enumerate(self.games)}
         model_config(cfg, len(self.games))  # refuse impossible groups before anything is written
         self.run_dir = Path(cfg.run_dir or Path("artifacts/rl") / cfg.run_name).resolve()
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise ConfigError(f"run directory {self.run_dir} already exists: choose another --run-name or --run-dir")
+        if resume:
+            self.checkpoint = latest_checkpoint(self.run_dir)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ConfigError(f"run directory {self.run_dir} already exists: choose another --run-name or --run-dir, "
+                              f"or continue it with --resume {self.run_dir}")
         self.phases = plan_phases(self.games, cfg.cycles)
         obs_space, _ = suite_spaces(cfg.suite)
         torch.manual_seed(cfg.seed)
         self.detector = DetectorTrainer(EnvironmentDetector(obs_space.shape, len(self.games)), seed=cfg.seed)
         self.switch_watch = SwitchWatch()
-        self.retention: list[list[float]] = []
+        self.state = ScheduleState()
 
     def run(self) -> dict[str, Any]:
         from aios_ray.train.ray_train import ensure_ray
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "rl_args.json", self.cfg.to_dict())
+        if not self.resume:
+            atomic_write_json(self.run_dir / "rl_args.json", self.cfg.to_dict())
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         ensure_ray(None)
-        random_scores = {g: evaluate_game(None, self.cfg.suite, g, self.cfg.eval_episodes, self.cfg.seed)["return"]
-                         for g in self.games}
-        self.log.write("random_scores", step=0, **random_scores)
         algo = build_algo(self.cfg, self.games)
         try:
-            started, total_steps = time.perf_counter(), self.cfg.steps_per_game * len(self.phases)
-            for phase in self.phases:
+            self._start(algo)
+            started = time.perf_counter()
+            for phase in self.phases[self.state.phase:]:
                 sync_bytes = switch_game(algo, self.cfg, phase)
-                self._train_phase(algo, phase, started, total_steps, sync_bytes)
+                self._train_phase(algo, phase, started, sync_bytes)
                 self._evaluate(algo, phase)
-                self._write_retention(random_scores)
+                self.state.phase, self.state.phase_steps = phase.index + 1, 0
+                self._write_retention()
+                save_checkpoint(self.run_dir, algo, self.detector, self.state)
         finally:
             algo.stop()
             self.log.close()
-        return {"run_dir": str(self.run_dir), "games": self.games, "retention": self.retention,
-                "random_scores": random_scores}
+        return {"run_dir": str(self.run_dir), "games": self.games, "retention": self.state.retention,
+                "random_scores": self.state.random_scores}
 
-    def _train_phase(self, algo: Any, phase: Phase, started: float, total_steps: int, sync_bytes: int) -> None:
-        from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED_LIFETIME
+    def _start(self, algo: Any) -> None:
+        """A new run scores the random policy; a resumed one restores its last checkpoint and drops the log
+        lines of the steps after it (they run again), so the log holds each iteration once."""
+        if not self.resume:
+            self.state.random_scores = {
+                g: evaluate_game(None, self.cfg.suite, g, self.cfg.eval_episodes, self.cfg.seed)["return"]
+                for g in self.games}
+            self.log.write("random_scores", step=0, **self.state.random_scores)
+            return
+        self.state = load_checkpoint(self.checkpoint, algo, self.detector)
+        self.switch_watch = SwitchWatch(detected_after=list(self.state.detected_after))
+        done = self._steps_done()
+        dropped, last = self.log.rewind(done)
+        self.log.write("restart", step=done, checkpoint=str(self.checkpoint), lines_replaced=dropped,
+                       last_logged_step=last, phase=self.state.phase, phase_steps=self.state.phase_steps)
+        say(f"rl  resumed from {self.checkpoint} at env step {done:,} (phase {self.state.phase + 1}, "
+            f"{self.state.phase_steps:,} steps into it); {max(last - done, 0):,} logged steps run again")
 
-        done_before = phase.index * self.cfg.steps_per_game
-        phase_steps, first = 0, None
-        while phase_steps < self.cfg.steps_per_game:
+    def _steps_done(self) -> int:
+        return self.state.phase * self.cfg.steps_per_game + self.state.phase_steps
+
+    def _train_phase(self, algo: Any, phase: Phase, started: float, sync_bytes: int) -> None:
+        from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN
+
+        total_steps = self.cfg.steps_per_game * len(self.phases)
+        steps_at_start = self._steps_done()
+        while self.state.phase_steps < self.cfg.steps_per_game:
             t0 = time.perf_counter()
             result = algo.train()
-            runners = result.get(ENV_RUNNER_RESULTS, {})
-            lifetime = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
-            first = lifetime - self.cfg.train_batch_size if first is None else first
-            phase_steps = lifetime - first
-            episode_return = runners.get(EPISODE_RETURN_MEAN)
+            self.state.iteration += 1
+            self.state.phase_steps += self.cfg.train_batch_size  # what one iteration samples (train batch size)
+            episode_return = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
             detector = self._teach_detector(algo, phase)
-            elapsed = time.perf_counter() - started
-            done = done_before + phase_steps
+            done = self._steps_done()
             sps = self.cfg.train_batch_size / (time.perf_counter() - t0)
-            eta = elapsed / max(done, 1) * max(total_steps - done, 0)
-            self.log.write("iteration", step=done, game=phase.game, phase=phase.index, phase_steps=phase_steps,
+            elapsed = time.perf_counter() - started
+            eta = elapsed / max(done - steps_at_start, 1) * max(total_steps - done, 0)
+            self.log.write("iteration", step=done, game=phase.game, phase=phase.index,
+                           phase_steps=self.state.phase_steps, iteration=self.state.iteration,
                            episode_return_mean=episode_return, env_steps_per_sec=sps, sync_bytes=sync_bytes,
                            **detector)
             ret = f"{episode_return:.2f}" if episode_return is not None else "n/a"
-            say(f"rl  phase {phase.index + 1}/{len(self.phases)} {phase.game:<14} | steps {phase_steps:,}/"
-                f"{self.cfg.steps_per_game:,} | return {ret} | {sps:,.0f} env steps/s | "
+            say(f"rl  phase {phase.index + 1}/{len(self.phases)} {phase.game:<14} | steps "
+                f"{self.state.phase_steps:,}/{self.cfg.steps_per_game:,} | return {ret} | {sps:,.0f} env steps/s | "
                 f"detector {detector['detector_accuracy']:.2f} | ETA {format_seconds(eta)}")
+            every = self.cfg.checkpoint_every
+            if every and self.state.iteration % every == 0 and self.state.phase_steps < self.cfg.steps_per_game:
+                self.state.detected_after = list(self.switch_watch.detected_after)
+                save_checkpoint(self.run_dir, algo, self.detector, self.state)
 
     def _teach_detector(self, algo: Any, phase: Phase) -> dict[str, float]:
         """Frames of the current game, played by the current policy, labelled with the game."""
@@ -232,30 +276,35 @@ class SequentialRun:
 
     def _evaluate(self, algo: Any, phase: Phase) -> None:
         module = _learner_module(algo)
-        row, right = [], []
+        row, right, usage = [], [], []
         for game in self.games:
             result = evaluate_game(module, self.cfg.suite, game, self.cfg.eval_episodes, self.cfg.seed + 7,
                                    detector=self.detector, true_index=self.game_ids[game])
             row.append(result["return"])
             right.append(result["detector_right"])
+            usage.append(result["expert_counts"])
+        # per layer: a (games x experts) table of routing choices at this evaluation (empty for --dense)
+        expert_counts = {str(layer): [per_game[layer] for per_game in usage] for layer in range(len(usage[0]))}
         module.set_active_game(phase.game_index)  # back to the game being trained
-        self.retention.append(row)
+        self.state.retention.append(row)
+        self.state.detected_after = list(self.switch_watch.detected_after)
         self.log.write("phase_end", step=(phase.index + 1) * self.cfg.steps_per_game, game=phase.game,
                        phase=phase.index, returns=dict(zip(self.games, row, strict=True)),
-                       detector_right=dict(zip(self.games, right, strict=True)),
+                       detector_right=dict(zip(self.games, right, strict=True)), expert_counts=expert_counts,
                        detector_frames_to_detect=list(self.switch_watch.detected_after))
         say(f"rl  after phase {phase.index + 1} ({phase.game}): " + ", ".join(
             f"{g} {r:.2f}" for g, r in zip(self.games, row, strict=True)))
 
-    def _write_retention(self, random_scores: dict[str, float]) -> None:
-        phases = [f"{p.index + 1}:{p.game}" for p in self.phases[:len(self.retention)]]
+    def _write_retention(self) -> None:
+        random_scores, retention = self.state.random_scores, self.state.retention
+        phases = [f"{p.index + 1}:{p.game}" for p in self.phases[:len(retention)]]
         atomic_write_json(self.run_dir / "retention.json", {
-            "games": self.games, "phases": phases, "matrix": self.retention, "random_scores": random_scores,
+            "games": self.games, "phases": phases, "matrix": retention, "random_scores": random_scores,
             "rows": "after phase i", "columns": "mean greedy return on each game (detector-routed)"})
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["after_phase", *self.games])
-        for name, row in zip(phases, self.retention, strict=True):
+        for name, row in zip(phases, retention, strict=True):
             writer.writerow([name, *(f"{r:.4f}" for r in row)])
         writer.writerow(["random_policy", *(f"{random_scores[g]:.4f}" for g in self.games)])
         atomic_write_bytes(self.run_dir / "retention.csv", text.getvalue().encode("utf-8"))
@@ -263,3 +312,17 @@ class SequentialRun:
 
 def run_sequential(cfg: RLConfig) -> dict[str, Any]:
     return SequentialRun(cfg).run()
+
+
+def resume_sequential(run_dir: str) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with the settings it was started with."""
+    path = Path(run_dir)
+    args = path / "rl_args.json"
+    try:
+        values = json.loads(args.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"--resume {run_dir}: no rl_args.json (not a run of aios-ray rl sequential)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{args}: corrupt JSON ({exc})") from None
+    cfg = rl_config_from_dict({**values, "run_dir": str(path.resolve())}, source=str(args))
+    return SequentialRun(cfg, resume=True).run()
