@@ -171,6 +171,23 @@ def rollout_frames(module: MoEAgentModule, suite: str, game: str, count: int, se
     return np.stack(frames)
 
 
+class RunGauges:
+    """The iteration metrics as Ray metrics (``ray_aios_rl_*`` on the dashboard's metrics port), per game."""
+
+    NAMES = ("episode_return_mean", "env_steps_per_sec", "moe_lb_loss", "detector_accuracy", "detector_loss")
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        self.gauges = {name: Gauge(f"aios_rl_{name}", description=f"sequential RL: {name}", tag_keys=("game",))
+                       for name in self.NAMES}
+
+    def update(self, game: str, values: dict[str, float | None]) -> None:
+        for name, value in values.items():
+            if name in self.gauges and value is not None:
+                self.gauges[name].set(float(value), tags={"game": game})
+
+
 class SequentialRun:
     def __init__(self, cfg: RLConfig, resume: bool = False) -> None:
         self.cfg, self.resume = cfg, resume
@@ -198,6 +215,7 @@ class SequentialRun:
             atomic_write_json(self.run_dir / "rl_args.json", self.cfg.to_dict())
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         ensure_ray(None)
+        self.gauges = RunGauges()
         algo = build_algo(self.cfg, self.games)
         try:
             self._start(algo)
@@ -237,7 +255,10 @@ class SequentialRun:
         return self.state.phase * self.cfg.steps_per_game + self.state.phase_steps
 
     def _train_phase(self, algo: Any, phase: Phase, started: float, sync_bytes: int) -> None:
-        from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN
+        from ray.rllib.core import DEFAULT_MODULE_ID
+        from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, LEARNER_RESULTS
+
+        from aios_ray.rl.learner import LB_METRIC
 
         total_steps = self.cfg.steps_per_game * len(self.phases)
         steps_at_start = self._steps_done()
@@ -247,6 +268,7 @@ class SequentialRun:
             self.state.iteration += 1
             self.state.phase_steps += self.cfg.train_batch_size  # what one iteration samples (train batch size)
             episode_return = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
+            lb_loss = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {}).get(LB_METRIC)
             detector = self._teach_detector(algo, phase)
             done = self._steps_done()
             sps = self.cfg.train_batch_size / (time.perf_counter() - t0)
@@ -255,7 +277,9 @@ class SequentialRun:
             self.log.write("iteration", step=done, game=phase.game, phase=phase.index,
                            phase_steps=self.state.phase_steps, iteration=self.state.iteration,
                            episode_return_mean=episode_return, env_steps_per_sec=sps, sync_bytes=sync_bytes,
-                           **detector)
+                           moe_lb_loss=lb_loss, **detector)
+            self.gauges.update(phase.game, {"episode_return_mean": episode_return, "env_steps_per_sec": sps,
+                                            "moe_lb_loss": lb_loss, **detector})
             ret = f"{episode_return:.2f}" if episode_return is not None else "n/a"
             say(f"rl  phase {phase.index + 1}/{len(self.phases)} {phase.game:<14} | steps "
                 f"{self.state.phase_steps:,}/{self.cfg.steps_per_game:,} | return {ret} | {sps:,.0f} env steps/s | "
