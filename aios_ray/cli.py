@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="continue this run from its newest checkpoint, with the settings it started with")
     _add_config_flags(sequential, {"rl": RLConfig})
     sequential.set_defaults(func=_cmd_rl_sequential)
+    rl_report = rl_commands.add_parser("report", help="render a run's PNGs: return curves with phase boundaries, "
+                                       "retention heatmap, game x expert usage, tier hit rate")
+    rl_report.add_argument("run_dir", metavar="RUN_DIR", help="directory of an `rl sequential` run")
+    rl_report.set_defaults(func=_cmd_rl_report)
+    rl_compare = rl_commands.add_parser("compare", help="forgetting, forward transfer and final normalised return "
+                                        "of two runs side by side (e.g. MoE vs --dense)")
+    rl_compare.add_argument("run_a", metavar="RUN_A", help="directory of the first run")
+    rl_compare.add_argument("run_b", metavar="RUN_B", help="directory of the second run")
+    rl_compare.set_defaults(func=_cmd_rl_compare)
 
     store = commands.add_parser("store", help="the tiered expert store")
     store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=OneLineParser)
@@ -130,6 +139,21 @@ def _cmd_rl_sequential(args: argparse.Namespace) -> int:
         summary = run_sequential(rl_config_from_dict({**values, **flags}, source=args.config or "flags"))
     print(f"run directory:    {summary['run_dir']}")
     print(f"retention matrix: {summary['run_dir']}/retention.json (and .csv)")
+    return 0
+
+
+def _cmd_rl_report(args: argparse.Namespace) -> int:
+    from aios_ray.rl.report import render_report
+
+    for path in render_report(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def _cmd_rl_compare(args: argparse.Namespace) -> int:
+    from aios_ray.rl.report import compare_runs
+
+    print(compare_runs(Path(args.run_a), Path(args.run_b)))
     return 0
 
 
