@@ -18,12 +18,18 @@ Env runners build the module with ``inference_only=True`` (no value head) and re
 to another game must therefore go through ``set_active_game_everywhere``, never through the env
 runners alone, or they would act with experts the learner never sent.
 
+With ``--experts tiered`` the learner hands the module's experts to the tiered store
+(``use_expert_source``, see ``aios_ray.rl.tiered``): they stop being module parameters, and
+``get_state`` reads the ones it ships from the store (under ``expert_reads``, the store's leases).
+
 The MoE balance loss (summed over layers) leaves ``_forward_train`` under ``LB_LOSS_KEY``;
 ``aios_ray.rl.learner.MoEPPOLearner`` adds ``lb_coef`` times it to the PPO loss.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +197,8 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             moe.layer_index = index
         self.active_game = -1
         self.last_moe_stats: list[MoEStats] = []  # the latest forward's per-layer routing stats (for metrics)
+        # Around reads of experts that live in a store (set with the store: its backend's ``evaluating``).
+        self.expert_reads: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         if cfg.groups is not None:
             self.set_active_game(cfg.active_game)
 
@@ -199,6 +207,14 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     def moe_layers(self) -> list[MoEFeedForward]:
         """The MoE layers in order (their ``layer_index`` is 0..L-1: the store's address of their experts)."""
         return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def use_expert_source(self, source: Any) -> None:
+        """Every MoE layer's experts come from ``source`` (a tiered store's client) from now on."""
+        for moe in self.moe_layers():
+            moe.use_expert_source(source)
+
+    def experts_in_store(self) -> bool:
+        return any(moe.expert_source is not None for moe in self.moe_layers())
 
     def set_active_game(self, game: int) -> None:
         """Route every MoE layer among game ``game``'s expert group (with ``routing="free"``: among all)."""
@@ -219,8 +235,10 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     def active_parameter_count(self) -> int:
         """Parameters one observation's forward pass uses: all but the experts the router did not pick."""
         total = sum(p.numel() for p in self.parameters())
+        per_expert = 3 * self.agent_config.hidden * self.agent_config.expert_hidden  # (C, 2F) and (F, C)
         for moe in self.moe_layers():
-            per_expert = sum(getattr(moe, name)[0].numel() for name in EXPERT_PARAMS)
+            if moe.expert_source is not None:  # experts in a store are no module parameters, yet they count
+                total += moe.num_experts * per_expert
             total -= (moe.num_experts - moe.top_k) * per_expert
         return total
 
@@ -269,10 +287,27 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         experts = self.active_experts()
         if inference_only and experts is not None:
             ids = np.asarray(experts, dtype=np.int64)
-            for key in _expert_keys(state):
-                state[key + GROUP_SUFFIX] = np.ascontiguousarray(state.pop(key)[ids])
+            rows = (self._stored_experts(experts) if self.experts_in_store()
+                    else {key: state.pop(key)[ids] for key in _expert_keys(state)})
+            for key, value in rows.items():
+                state[key + GROUP_SUFFIX] = np.ascontiguousarray(value)
             state[GROUP_EXPERTS_KEY] = ids
+        elif self.experts_in_store():  # a complete state: every expert, as a local module's state has them
+            state.update(self._stored_experts(range(self.agent_config.num_experts)))
         return state
+
+    def _stored_experts(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """State-dict name -> the experts ``ids`` of that MoE layer, stacked, read from the store (copies)."""
+        ids = list(ids)
+        out = {}
+        with self.expert_reads():
+            for prefix, moe in self.named_modules():
+                if not isinstance(moe, MoEFeedForward):
+                    continue
+                leaves = moe.expert_source.weights(moe.layer_index, ids)
+                for index, param in enumerate(EXPERT_PARAMS):
+                    out[f"{prefix}.{param}"] = np.stack([leaves[e][index].detach().cpu().numpy() for e in ids])
+        return out
 
     def set_state(self, state: dict[str, Any]) -> None:
         state = dict(state)

@@ -159,9 +159,11 @@ class ResumePoint:
 
 class TieredBackend:
     def __init__(self, model: nn.Module, store: StoreControl, config: StoreConfig, *, weight_decay: float,
-                 keep_snapshots: int, resume: ResumePoint = ResumePoint(), workers: Workers | None = None) -> None:
+                 keep_snapshots: int, resume: ResumePoint = ResumePoint(), workers: Workers | None = None,
+                 betas: tuple[float, float] = BETAS, eps: float = EPS) -> None:
         self.model, self.store, self.config = model, store, config
         self.weight_decay, self.keep_snapshots = weight_decay, keep_snapshots
+        self.betas, self.eps = betas, eps  # the loop's optimizer's: its other parameters take the same Adam
         self.store_path = Path(str(config.path))
         self.workers = workers or Workers()
         self.keys = expert_keys(model)
@@ -215,7 +217,7 @@ class TieredBackend:
         """AdamW in the slots by the leader; the others wait until the slots hold the new weights."""
         updated = 0
         if self.workers.leader:
-            updated = self.experts.apply_optimizer(lr, self.weight_decay, BETAS, EPS)
+            updated = self.experts.apply_optimizer(lr, self.weight_decay, self.betas, self.eps)
         else:
             self.experts.drop_gradients()
         self.workers.barrier()
@@ -289,8 +291,10 @@ class TieredBackend:
 
 def open_backend(model: nn.Module, config: StoreConfig, open_store: StoreOpener, *, weight_decay: float,
                  keep_checkpoints: int, resume: ResumePoint = ResumePoint(),
-                 workers: Workers | None = None) -> ExpertBackend:
-    """The backend ``config`` asks for. ``open_store`` creates (or finds again) the store for a tiered one."""
+                 workers: Workers | None = None, betas: tuple[float, float] = BETAS,
+                 eps: float = EPS) -> ExpertBackend:
+    """The backend ``config`` asks for. ``open_store`` creates (or finds again) the store for a tiered one.
+    ``weight_decay``, ``betas`` and ``eps``: the AdamW the experts get in their slots (the loop's own)."""
     if not config.tiered:
         return LocalExperts()
     if not config.is_resolved:
@@ -298,4 +302,4 @@ def open_backend(model: nn.Module, config: StoreConfig, open_store: StoreOpener,
     store = open_store(config, expert_layout(model))  # type: ignore[arg-type]
     # One snapshot more than the checkpoints kept: Ray Train may resume from one checkpoint behind the bundle.
     return TieredBackend(model, store, config, weight_decay=weight_decay, keep_snapshots=keep_checkpoints + 1,
-                         resume=resume, workers=workers)
+                         resume=resume, workers=workers, betas=betas, eps=eps)
