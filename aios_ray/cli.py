@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aios_ray.config import SECTIONS, Config, load_yaml_config, merge
+from aios_ray.config import SECTIONS, Config, StoreConfig, build_section, load_yaml_config, merge
 from aios_ray.errors import UserError
 from aios_ray.rl.config import RLConfig
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="preset name (configs/NAME.yaml) or a YAML file with an 'rl:' section")
     sequential.add_argument("--resume", metavar="RUN_DIR",
                             help="continue this run from its newest checkpoint, with the settings it started with")
-    _add_config_flags(sequential, {"rl": RLConfig})
+    _add_config_flags(sequential, {"rl": RLConfig, "store": StoreConfig})
     sequential.set_defaults(func=_cmd_rl_sequential)
     rl_report = rl_commands.add_parser("report", help="render a run's PNGs: return curves with phase boundaries, "
                                        "retention heatmap, game x expert usage, tier hit rate")
@@ -130,13 +130,16 @@ def _cmd_rl_sequential(args: argparse.Namespace) -> int:
     from aios_ray.rl.sequential import resume_sequential, run_sequential
 
     flags = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("rl.")}
+    store_flags = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("store.")}
     if args.resume:
-        if args.config or flags:
+        if args.config or flags or store_flags:
             raise UserError("--resume takes the run's own settings: give no --config or other flags with it")
         summary = resume_sequential(args.resume)
     else:
         values = load_rl_yaml(args.config) if args.config else {}
-        summary = run_sequential(rl_config_from_dict({**values, **flags}, source=args.config or "flags"))
+        store_values = {**values.pop("store", {}), **store_flags}
+        store = build_section(StoreConfig, store_values, args.config or "flags")
+        summary = run_sequential(rl_config_from_dict({**values, **flags}, source=args.config or "flags"), store)
     print(f"run directory:    {summary['run_dir']}")
     print(f"retention matrix: {summary['run_dir']}/retention.json (and .csv)")
     return 0

@@ -98,3 +98,22 @@ def _read(log: Path) -> list[dict]:
 def test_resume_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys):
     assert main(["rl", "sequential", "--resume", str(tmp_path)]) == 2
     assert "no rl_args.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~90 s on 2 loaded cores: every greedy evaluation step leases through the actors
+def test_a_run_with_experts_in_the_tiered_store(ray_local, tmp_path: Path):
+    """`--experts tiered --capacity-gpu 3`: the learner's 6 experts live in the store (its Ray actors), a game's
+    group of 4 does not fit the hot tier and is partly streamed, and the run completes with its store counters in
+    the log; the store's actors end with the run and its NVMe files stay in the run directory."""
+    run_dir = tmp_path / "run"
+    assert main(["rl", "sequential", "--config", "rl_synthetic", "--run-dir", str(run_dir), "--steps-per-game", "512",
+                 "--eval-episodes", "1", "--experts", "tiered", "--capacity-gpu", "3"]) == 0
+    stats = events(run_dir / "metrics.jsonl", "store_stats")
+    assert [e["game"] for e in stats] == ["synth0", "synth1"]
+    hot = next(t for t in stats[-1]["tiers"] if t["tier"] == "hot")
+    assert hot["slots"] == 3 and hot["streamed"] > 0 and hot["hits"] + hot["misses"] > 0
+    assert (run_dir / "expert_store" / "manifest.json").is_file()
+    with pytest.raises(ValueError):
+        ray_local.get_actor("rl-synthetic-seq-dram", namespace="aios-ray")
+    args = json.loads((run_dir / "rl_args.json").read_text())
+    assert args["store"]["experts"] == "tiered" and args["store"]["capacity_gpu"] == 3

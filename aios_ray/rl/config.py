@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from aios_ray.config import ConfigError, _check_name, _opt, _positive, build_section, resolve_preset
+from aios_ray.config import ConfigError, StoreConfig, _check_name, _opt, _positive, build_section, resolve_preset
 
 
 @dataclass
@@ -85,7 +85,9 @@ def load_rl_yaml(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or set(data) != {"rl"} or not isinstance(data["rl"], dict):
-        raise ConfigError(f"{path}: expected one mapping section 'rl:'")
+    if not isinstance(data, dict) or "rl" not in data or set(data) - {"rl", "store"} \
+            or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected a mapping section 'rl:' (and optionally 'store:')")
     rl_config_from_dict(data["rl"], source=str(path))  # validate early, naming the file
-    return dict(data["rl"])
+    build_section(StoreConfig, data.get("store") or {}, str(path))
+    return {**data["rl"], **({"store": data["store"]} if data.get("store") else {})}

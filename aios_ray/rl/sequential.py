@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aios_ray.config import ConfigError
+from aios_ray.config import ConfigError, StoreConfig
 from aios_ray.durable import atomic_write_bytes, atomic_write_json
 from aios_ray.errors import DataError
 from aios_ray.rl.checkpoint import ScheduleState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -37,6 +37,7 @@ from aios_ray.rl.config import RLConfig, rl_config_from_dict
 from aios_ray.rl.detector import DetectorTrainer, EnvironmentDetector, SwitchWatch
 from aios_ray.rl.envs import make_env, register_rllib_env, suite_spaces, validate_games
 from aios_ray.rl.module import MoEAgentModule, expert_groups, set_active_game_everywhere
+from aios_ray.rl.tiered import STORE_KEY
 from aios_ray.tracking.jsonl import MetricsLog, format_seconds, say
 
 
@@ -64,8 +65,9 @@ def model_config(cfg: RLConfig, num_games: int) -> dict[str, Any]:
             "routing": cfg.routing, "groups": groups, "lb_coef": cfg.lb_coef}
 
 
-def build_algo(cfg: RLConfig, games: list[str]) -> Any:
-    """RLlib PPO (new API stack) with the MoE agent and its learner, on the first game."""
+def build_algo(cfg: RLConfig, games: list[str], store: StoreConfig | None = None) -> Any:
+    """RLlib PPO (new API stack) with the MoE agent and its learner, on the first game; ``store`` (resolved,
+    ``experts="tiered"``) puts the learner's experts in the tiered expert store."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -81,7 +83,8 @@ def build_algo(cfg: RLConfig, games: list[str]) -> Any:
                   minibatch_size=min(cfg.minibatch_size, cfg.train_batch_size), num_epochs=cfg.num_epochs,
                   learner_class=MoEPPOLearner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=MoEAgentModule,
-                                               model_config=model_config(cfg, len(games))))
+                                               model_config={**model_config(cfg, len(games)),
+                                                             STORE_KEY: dataclasses.asdict(store or StoreConfig())}))
         .debugging(seed=cfg.seed)
     )
     return config.build_algo()
@@ -189,7 +192,7 @@ class RunGauges:
 
 
 class SequentialRun:
-    def __init__(self, cfg: RLConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: RLConfig, store: StoreConfig | None = None, resume: bool = False) -> None:
         self.cfg, self.resume = cfg, resume
         self.games = validate_games(cfg.suite, cfg.game_list)
         self.game_ids = {g: i for i, g in enumerate(self.games)}
@@ -200,6 +203,10 @@ class SequentialRun:
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise ConfigError(f"run directory {self.run_dir} already exists: choose another --run-name or --run-dir, "
                               f"or continue it with --resume {self.run_dir}")
+        self.store = self._resolve_store(store or StoreConfig())
+        if resume and self.store.tiered:
+            raise ConfigError(f"--resume {self.run_dir}: a run with --experts tiered cannot be resumed yet (its "
+                              "checkpoints do not restore the expert store)")
         self.phases = plan_phases(self.games, cfg.cycles)
         obs_space, _ = suite_spaces(cfg.suite)
         torch.manual_seed(cfg.seed)
@@ -212,14 +219,15 @@ class SequentialRun:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
-            atomic_write_json(self.run_dir / "rl_args.json", self.cfg.to_dict())
+            atomic_write_json(self.run_dir / "rl_args.json", {**self.cfg.to_dict(),
+                                                             "store": dataclasses.asdict(self.store)})
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         ensure_ray(None)
         self.gauges = RunGauges()
-        algo = build_algo(self.cfg, self.games)
+        algo = build_algo(self.cfg, self.games, self.store)
         try:
             self._start(algo)
-            started = time.perf_counter()
+            started, self.steps_at_start = time.perf_counter(), self._steps_done()
             for phase in self.phases[self.state.phase:]:
                 sync_bytes = switch_game(algo, self.cfg, phase)
                 self._train_phase(algo, phase, started, sync_bytes)
@@ -230,6 +238,8 @@ class SequentialRun:
         finally:
             algo.stop()
             self.log.close()
+            if self.store.tiered:
+                self._end_store()
         return {"run_dir": str(self.run_dir), "games": self.games, "retention": self.state.retention,
                 "random_scores": self.state.random_scores}
 
@@ -251,6 +261,28 @@ class SequentialRun:
         say(f"rl  resumed from {self.checkpoint} at env step {done:,} (phase {self.state.phase + 1}, "
             f"{self.state.phase_steps:,} steps into it); {max(last - done, 0):,} logged steps run again")
 
+    def _resolve_store(self, store: StoreConfig) -> StoreConfig:
+        """The run's store: under the run directory, named after the run, capacities of 0 = every expert."""
+        if not store.tiered:
+            return store
+        if self.cfg.dense:
+            raise ConfigError("--experts tiered needs MoE layers (drop --dense)")
+        total = self.cfg.num_experts * self.cfg.moe_layers
+        resolved = store.resolved(self.run_dir, f"rl-{self.cfg.run_name}", total, use_gpu=False)
+        group = len(model_config(self.cfg, len(self.games))["groups"][0]) * self.cfg.moe_layers
+        say(f"rl  experts in the tiered store {resolved.path}: hot tier {resolved.capacity_gpu} of {total} "
+            f"experts ({group} per game group)")
+        return resolved
+
+    def _end_store(self) -> None:
+        """The store's actors (if the learner made them) end with the run; what was flushed stays on disk."""
+        import ray
+
+        if ray.is_initialized():
+            from actors.tier_actors import shutdown_store
+
+            shutdown_store(self.store)
+
     def _steps_done(self) -> int:
         return self.state.phase * self.cfg.steps_per_game + self.state.phase_steps
 
@@ -261,7 +293,6 @@ class SequentialRun:
         from aios_ray.rl.learner import LB_METRIC
 
         total_steps = self.cfg.steps_per_game * len(self.phases)
-        steps_at_start = self._steps_done()
         while self.state.phase_steps < self.cfg.steps_per_game:
             t0 = time.perf_counter()
             result = algo.train()
@@ -273,7 +304,7 @@ class SequentialRun:
             done = self._steps_done()
             sps = self.cfg.train_batch_size / (time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
-            eta = elapsed / max(done - steps_at_start, 1) * max(total_steps - done, 0)
+            eta = elapsed / max(done - self.steps_at_start, 1) * max(total_steps - done, 0)
             self.log.write("iteration", step=done, game=phase.game, phase=phase.index,
                            phase_steps=self.state.phase_steps, iteration=self.state.iteration,
                            episode_return_mean=episode_return, env_steps_per_sec=sps, sync_bytes=sync_bytes,
@@ -316,8 +347,20 @@ class SequentialRun:
                        phase=phase.index, returns=dict(zip(self.games, row, strict=True)),
                        detector_right=dict(zip(self.games, right, strict=True)), expert_counts=expert_counts,
                        detector_frames_to_detect=list(self.switch_watch.detected_after))
+        self._log_store_stats(algo, phase)
         say(f"rl  after phase {phase.index + 1} ({phase.game}): " + ", ".join(
             f"{g} {r:.2f}" for g, r in zip(self.games, row, strict=True)))
+
+    def _log_store_stats(self, algo: Any, phase: Phase) -> None:
+        """The tiered store's counters (demand hit rate, prefetch issued/used/wasted, streamed, stall), as the
+        text trainer logs them: one ``store_stats`` line per phase."""
+        if not self.store.tiered:
+            return
+        step = (phase.index + 1) * self.cfg.steps_per_game
+        for backend in algo.learner_group._learner.expert_backends.values():
+            stats = backend.stats(step)
+            if stats is not None:
+                self.log.write("store_stats", **{**stats, "step": step, "game": phase.game})
 
     def _write_retention(self) -> None:
         random_scores, retention = self.state.random_scores, self.state.retention
@@ -334,8 +377,8 @@ class SequentialRun:
         atomic_write_bytes(self.run_dir / "retention.csv", text.getvalue().encode("utf-8"))
 
 
-def run_sequential(cfg: RLConfig) -> dict[str, Any]:
-    return SequentialRun(cfg).run()
+def run_sequential(cfg: RLConfig, store: StoreConfig | None = None) -> dict[str, Any]:
+    return SequentialRun(cfg, store).run()
 
 
 def resume_sequential(run_dir: str) -> dict[str, Any]:
@@ -348,5 +391,6 @@ def resume_sequential(run_dir: str) -> dict[str, Any]:
         raise DataError(f"--resume {run_dir}: no rl_args.json (not a run of aios-ray rl sequential)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{args}: corrupt JSON ({exc})") from None
+    store = StoreConfig(**values.pop("store", {}) or {})
     cfg = rl_config_from_dict({**values, "run_dir": str(path.resolve())}, source=str(args))
-    return SequentialRun(cfg, resume=True).run()
+    return SequentialRun(cfg, store, resume=True).run()
