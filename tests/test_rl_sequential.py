@@ -32,6 +32,12 @@ def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, cap
     # The policy is never told the game at evaluation: the detector names it, right for both games at the end.
     assert phase_ends[-1]["detector_right"] == {"synth0": 1.0, "synth1": 1.0}
     assert len(phase_ends[-1]["detector_frames_to_detect"]) == 2
+    # Routing per game: each game's choices stay in its own group and the shared experts, so the game tells a
+    # lot about the chosen expert; a router that ignored the game would give close to 0 bits.
+    from aios_ray.rl.metrics import specialisation
+
+    (layer,) = specialisation(phase_ends[-1]["expert_counts"]).values()
+    assert layer["mi"] > 0.3 and layer["mi"] > 10 * layer["random_mi"], layer
 
 
 @pytest.mark.parametrize(("flags", "message"), [
