@@ -211,6 +211,8 @@ def _plot_experts(run: RunData, out: Path) -> Path | None:
         ax.plot(steps, [s["random_mi"] for s in per_phase], "x--", color=line.get_color(), alpha=0.6,
                 label=f"layer {layer}: random router")
     ax.set(xlabel="env steps (phase end)", ylabel="bits", title="expert specialisation I(game; expert)")
+    ax.set_xticks(steps)  # one tick per phase end: the only points there are
+    ax.tick_params(axis="x", labelrotation=30)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, out)
