@@ -267,20 +267,26 @@ def build_section(section_cls: type, values: dict[str, Any], source: str) -> Any
     return section_cls(**coerced)
 
 
-def load_yaml_config(name_or_path: str) -> dict[str, Any]:
-    """Read a preset name (``configs/NAME.yaml``) or a YAML path into nested section dicts."""
+def read_yaml_sections(name_or_path: str, expected: str) -> tuple[Path, dict[str, Any]]:
+    """A preset name (``configs/NAME.yaml``) or YAML path read as a mapping of sections; ``expected`` names
+    them for the error message. Every failure is one line naming the file."""
     path = resolve_preset(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         raise ConfigError(f"{path}: empty config file")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (model/train/cluster/store)")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: top level must be a mapping of sections ({expected})")
+    return path, data
+
+
+def load_yaml_config(name_or_path: str) -> dict[str, Any]:
+    """Read a preset name (``configs/NAME.yaml``) or a YAML path into nested section dicts."""
+    path, data = read_yaml_sections(name_or_path, "model/train/cluster/store")
     Config.from_dict(data, source=str(path))  # validate early, naming the file
     return data
 

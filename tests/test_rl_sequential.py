@@ -123,3 +123,18 @@ def test_a_run_with_experts_in_the_tiered_store(ray_local, tmp_path: Path):
         ray_local.get_actor("rl-synthetic-seq-dram", namespace="aios-ray")
     args = json.loads((run_dir / "rl_args.json").read_text())
     assert args["store"]["experts"] == "tiered" and args["store"]["capacity_gpu"] == 3
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("rl: [1, 2\n", "malformed YAML"),
+    ("model:\n  hidden_size: 8\n", "expected a mapping section 'rl:'"),
+    ("rl:\n  steps_per_game: -5\n", "--steps-per-game must be > 0"),
+    ("rl:\n  games: synth0\nstore:\n  capacity_gpu: -1\n", "--capacity-gpu must be >= 0"),
+])
+def test_a_bad_rl_config_file_is_one_line_naming_it(tmp_path: Path, capsys, yaml_text: str, message: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    assert main(["rl", "sequential", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

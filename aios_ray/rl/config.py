@@ -7,9 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from aios_ray.config import ConfigError, StoreConfig, _check_name, _opt, _positive, build_section, resolve_preset
+from aios_ray.config import ConfigError, StoreConfig, _check_name, _opt, _positive, build_section, read_yaml_sections
 
 
 @dataclass
@@ -77,16 +75,9 @@ def rl_config_from_dict(values: dict[str, Any], source: str = "config") -> RLCon
 
 
 def load_rl_yaml(name_or_path: str) -> dict[str, Any]:
-    """The ``rl:`` section of a preset (``configs/NAME.yaml``) or YAML file, validated, naming the file."""
-    path = resolve_preset(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or "rl" not in data or set(data) - {"rl", "store"} \
-            or not all(isinstance(v, dict) for v in data.values()):
+    """The ``rl:`` (and optional ``store:``) sections of a preset or YAML file, validated, naming the file."""
+    path, data = read_yaml_sections(name_or_path, "rl, and optionally store")
+    if "rl" not in data or set(data) - {"rl", "store"}:
         raise ConfigError(f"{path}: expected a mapping section 'rl:' (and optionally 'store:')")
     rl_config_from_dict(data["rl"], source=str(path))  # validate early, naming the file
     build_section(StoreConfig, data.get("store") or {}, str(path))
