@@ -28,6 +28,10 @@ def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, cap
     assert [e["game"] for e in iterations] == ["synth0"] * 6 + ["synth1"] * 6  # 1,536 steps of 256 per game
     assert iterations[-1]["phase_steps"] == 1536 and iterations[-1]["env_steps_per_sec"] > 0
     assert all(e["moe_lb_loss"] > 0 for e in iterations)  # the balance loss reached the learner
+    switches = events(run_dir / "metrics.jsonl", "switch")
+    assert [e["game"] for e in switches] == ["synth0", "synth1"]
+    # a first visit: the detector has never seen the game, the schedule announces it and its group is prefetched
+    assert switches[1]["announced_by"] == "schedule" and switches[1]["prefetched_group"] == [0, 1, 4, 5]
     phase_ends = events(run_dir / "metrics.jsonl", "phase_end")
     # The policy is never told the game at evaluation: the detector names it, right for both games at the end.
     assert phase_ends[-1]["detector_right"] == {"synth0": 1.0, "synth1": 1.0}
@@ -118,6 +122,7 @@ def test_a_run_with_experts_in_the_tiered_store(ray_local, tmp_path: Path):
     assert [e["game"] for e in stats] == ["synth0", "synth1"]
     hot = next(t for t in stats[-1]["tiers"] if t["tier"] == "hot")
     assert hot["slots"] == 3 and hot["streamed"] > 0 and hot["hits"] + hot["misses"] > 0
+    assert hot["prefetch_issued"] > 0  # the detector-announced group went ahead of demand
     assert (run_dir / "expert_store" / "manifest.json").is_file()
     with pytest.raises(ValueError):
         ray_local.get_actor("rl-synthetic-seq-dram", namespace="aios-ray")

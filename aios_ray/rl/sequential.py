@@ -229,6 +229,7 @@ class SequentialRun:
             self._start(algo)
             started, self.steps_at_start = time.perf_counter(), self._steps_done()
             for phase in self.phases[self.state.phase:]:
+                self._announce(algo, phase)
                 sync_bytes = switch_game(algo, self.cfg, phase)
                 self._train_phase(algo, phase, started, sync_bytes)
                 self._evaluate(algo, phase)
@@ -350,6 +351,19 @@ class SequentialRun:
         self._log_store_stats(algo, phase)
         say(f"rl  after phase {phase.index + 1} ({phase.game}): " + ", ".join(
             f"{g} {r:.2f}" for g, r in zip(self.games, row, strict=True)))
+
+    def _announce(self, algo: Any, phase: Phase) -> None:
+        """Before a phase the learner's store prefetches the coming game's group into the hot tier (a no-op with
+        local experts). The detector names the game from the new environment's first frame once it has seen
+        that game; on a first visit it cannot, and the schedule, which knows the game, announces it."""
+        frame, _ = make_env(self.cfg.suite, phase.game, seed=self.cfg.seed + phase.index).reset()
+        seen = phase.game_index in self.detector.seen_per_game
+        named = self.detector.predict(frame[None]).game if seen else phase.game_index
+        group = model_config(self.cfg, len(self.games))["groups"][named]
+        for backend in algo.learner_group._learner.expert_backends.values():
+            backend.prefetch({layer: list(group) for layer in range(self.cfg.moe_layers)})
+        self.log.write("switch", step=self._steps_done(), game=phase.game, announced=self.games[named],
+                       announced_by="detector" if seen else "schedule", prefetched_group=list(group))
 
     def _log_store_stats(self, algo: Any, phase: Phase) -> None:
         """The tiered store's counters (demand hit rate, prefetch issued/used/wasted, streamed, stall), as the

@@ -66,6 +66,7 @@ class ExpertBackend(Protocol):
     def recover(self, snapshot: str | None) -> dict[str, int]: ...
     def stats(self, step: int) -> dict[str, Any] | None: ...
     def reopened(self) -> dict[str, int] | None: ...
+    def prefetch(self, experts: dict[int, list[int]]) -> None: ...
 
 
 class LocalExperts:
@@ -107,6 +108,9 @@ class LocalExperts:
         return None
 
     def reopened(self) -> dict[str, int] | None:
+        return None
+
+    def prefetch(self, experts: dict[int, list[int]]) -> None:
         return None
 
 
@@ -276,6 +280,13 @@ class TieredBackend:
 
     def reopened(self) -> dict[str, int] | None:
         return self._reopened
+
+    def prefetch(self, experts: dict[int, list[int]]) -> None:
+        """Bring these experts (per MoE layer) toward the hot tier ahead of need, e.g. the group of a game a
+        detector announced; counted as prefetch issued/used/wasted, never as demand."""
+        if self.workers.leader:
+            for layer, ids in experts.items():
+                self.store.prefetch(layer, ids)
 
     # ---- observability -------------------------------------------------------------------------
     def stats(self, step: int) -> dict[str, Any] | None:
