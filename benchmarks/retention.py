@@ -16,7 +16,7 @@ Everything else (seed, steps, PPO settings, evaluation episodes) is identical. E
 directory ``<--out>/retention-<variant>-s<seed>`` (default under a fresh temporary directory).
 
 Metrics (``aios_ray.rl.metrics.continual_metrics``, CORA isolated forgetting after Powers et al. 2021): each
-run's retention matrix ``R[p, j]`` (greedy return on game j after phase p, detector-routed) is normalised as
+run's retention matrix ``R[p, j]`` (return on game j after phase p, detector-routed) is normalised as
 ``(R - random) / (best - random)``. Here ``best`` is shared by the two variants of one seed: the best return on
 the game in either run (every phase), so that 1 means the same score in both runs and their forgetting values
 are on one scale. (Each run's own-scale figures, as ``aios-ray rl compare`` gives them, are printed too.)
@@ -150,7 +150,7 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, python "
           f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}")
     print(f"workload: minatar {args.games}, {args.steps_per_game} env steps per game, one pass, seeds {seeds}, "
-          f"{args.eval_episodes} greedy eval episodes, torch threads {args.threads or 'default'}; "
+          f"{args.eval_episodes} eval episodes (actions sampled from the policy), torch threads {args.threads or 'default'}; "
           f"moe experts {args.moe_experts}, dense experts local; "
           f"run dirs under {out}")
     if args.moe_experts == "local":

@@ -34,6 +34,7 @@ class RLConfig:
     minibatch_size: int = _opt(256, "PPO minibatch size")
     num_epochs: int = _opt(4, "PPO epochs over each train batch")
     eval_episodes: int = _opt(5, "episodes per game at each evaluation")
+    eval_greedy: bool = _opt(False, "evaluate with the policy's most likely action (default: sample from it)")
     detector_frames: int = _opt(128, "frames of the current game the environment detector learns from per "
                                      "training iteration")
     seed: int = _opt(0, "seed of the environments, the module and the detector")

@@ -9,7 +9,8 @@ Per phase (one game, ``steps_per_game`` env steps):
    game, so the frames are labelled);
 3. evaluate every game of the list (seen and not yet seen): the detector names the game from the first
    frame of each episode (the policy is never told), the module routes to the named game's group, and the
-   episode is played greedily. The mean returns fill one row of the retention matrix.
+   episode is played with actions sampled from the policy (``--eval-greedy``: its most likely ones). The mean
+   returns fill one row of the retention matrix.
 
 Outputs in the run directory: ``metrics.jsonl`` (one ``iteration`` line per PPO iteration, a ``phase_end``
 line per phase), ``retention.json`` and ``retention.csv`` (rows: after phase i; columns: games), with the
@@ -111,20 +112,28 @@ def _learner_module(algo: Any) -> MoEAgentModule:
 
 
 @torch.no_grad()
-def greedy_action(module: MoEAgentModule, obs: np.ndarray) -> int:
+def policy_action(module: MoEAgentModule, obs: np.ndarray, rng: np.random.Generator, greedy: bool) -> int:
+    """The policy's action: sampled from its distribution (seeded), or its most likely one with ``greedy``.
+    Why sampling by default: an early PPO policy's argmax is often one constant action whatever the game
+    state, and then every evaluation scores the same return and retention is not measured at all."""
     from ray.rllib.core.columns import Columns
 
-    out = module.forward_inference({Columns.OBS: torch.as_tensor(obs[None])})
-    return int(out[Columns.ACTION_DIST_INPUTS].argmax(dim=-1)[0])
+    logits = module.forward_inference({Columns.OBS: torch.as_tensor(obs[None])})[Columns.ACTION_DIST_INPUTS][0]
+    if greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
-def _act(module: MoEAgentModule | None, obs: np.ndarray, rng: np.random.Generator, num_actions: int) -> int:
-    return greedy_action(module, obs) if module is not None else int(rng.integers(num_actions))
+def _act(module: MoEAgentModule | None, obs: np.ndarray, rng: np.random.Generator, num_actions: int,
+         greedy: bool = False) -> int:
+    return policy_action(module, obs, rng, greedy) if module is not None else int(rng.integers(num_actions))
 
 
 def evaluate_game(module: MoEAgentModule | None, suite: str, game: str, episodes: int, seed: int,
-                  detector: DetectorTrainer | None = None, true_index: int | None = None) -> dict[str, Any]:
-    """Mean return over ``episodes`` of ``game``, played greedily by ``module`` (None: a uniform random
+                  detector: DetectorTrainer | None = None, true_index: int | None = None,
+                  greedy: bool = False) -> dict[str, Any]:
+    """Mean return over ``episodes`` of ``game``, played by ``module`` (sampled, or ``greedy``; None: a uniform random
     policy). With a detector, the module routes to the group of the game the detector names from each
     episode's first frame; ``detector_right`` is the share of episodes where that was ``true_index``."""
     env = make_env(suite, game, seed=seed)
@@ -139,7 +148,7 @@ def evaluate_game(module: MoEAgentModule | None, suite: str, game: str, episodes
             module.set_active_game(named)
         total, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(_act(module, obs, rng, env.action_space.n))
+            obs, reward, terminated, truncated, _ = env.step(_act(module, obs, rng, env.action_space.n, greedy))
             if module is not None:
                 _count_experts(module, counts)
             total += float(reward)
@@ -335,7 +344,8 @@ class SequentialRun:
         row, right, usage = [], [], []
         for game in self.games:
             result = evaluate_game(module, self.cfg.suite, game, self.cfg.eval_episodes, self.cfg.seed + 7,
-                                   detector=self.detector, true_index=self.game_ids[game])
+                                   detector=self.detector, true_index=self.game_ids[game],
+                                   greedy=self.cfg.eval_greedy)
             row.append(result["return"])
             right.append(result["detector_right"])
             usage.append(result["expert_counts"])
@@ -381,7 +391,8 @@ class SequentialRun:
         phases = [f"{p.index + 1}:{p.game}" for p in self.phases[:len(retention)]]
         atomic_write_json(self.run_dir / "retention.json", {
             "games": self.games, "phases": phases, "matrix": retention, "random_scores": random_scores,
-            "rows": "after phase i", "columns": "mean greedy return on each game (detector-routed)"})
+            "rows": "after phase i", "columns": "mean return on each game (detector-routed; "
+                       + ("greedy" if self.cfg.eval_greedy else "actions sampled from the policy") + ")"})
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["after_phase", *self.games])
