@@ -150,7 +150,8 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, python "
           f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}")
     print(f"workload: minatar {args.games}, {args.steps_per_game} env steps per game, one pass, seeds {seeds}, "
-          f"{args.eval_episodes} eval episodes (actions sampled from the policy), torch threads {args.threads or 'default'}; "
+          f"{args.eval_episodes} eval episodes (actions sampled from the policy), "
+          f"torch threads {args.threads or 'default'}; "
           f"moe experts {args.moe_experts}, dense experts local; "
           f"run dirs under {out}")
     if args.moe_experts == "local":
