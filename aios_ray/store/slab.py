@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,11 @@ class _Rows:
         return self.tensor[slot].detach().cpu().numpy().copy()
 
     def write(self, slot: int, flat: np.ndarray) -> None:
-        self.row(slot).copy_(torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+        # Records from Ray's object store are read-only views: torch.from_numpy would warn on every one, and
+        # torch.as_tensor copies only when the dtype differs, so the bytes are copied once, into the slot.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.row(slot).copy_(torch.as_tensor(np.asarray(flat, dtype=np.float32)))
 
 
 class Slab(_Rows):
