@@ -59,10 +59,6 @@ class RLConfig:
         _check_name("--run-name", self.run_name)
 
     @property
-    def game_list(self) -> list[str]:
-        return [g for g in self.games.split(",")]
-
-    @property
     def train_batch_size(self) -> int:
         """One iteration's samples: every environment of every runner (the driver's when there are none)."""
         return max(self.num_env_runners, 1) * self.num_envs_per_env_runner * self.rollout_length

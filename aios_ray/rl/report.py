@@ -32,7 +32,10 @@ import numpy as np  # noqa: E402
 
 from aios_ray.errors import DataError, UserError  # noqa: E402
 from aios_ray.rl.metrics import ContinualMetrics, continual_metrics, specialisation  # noqa: E402
-from aios_ray.tracking.jsonl import say  # noqa: E402
+from aios_ray.tracking.jsonl import (
+    read_metrics,
+    say,  # noqa: E402
+)
 
 
 @dataclasses.dataclass
@@ -95,21 +98,11 @@ def read_events(run_dir: Path | str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: missing (is this an `aios-ray rl sequential` run directory?)")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_metrics(path)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a metrics JSONL file (not UTF-8)") from None
-    events = []
-    for number, line in enumerate(lines, 1):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            if number == len(lines):
-                break
-            raise DataError(f"{path}: line {number} is not JSON") from None
-        if not isinstance(event, dict):
-            raise DataError(f"{path}: line {number} is not a JSON object")
-        events.append(event)
-    return events
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def load_run(run_dir: Path | str, with_events: bool = True) -> RunData:

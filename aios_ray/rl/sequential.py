@@ -104,11 +104,16 @@ def switch_game(algo: Any, cfg: RLConfig, phase: Phase) -> int:
     return set_active_game_everywhere(algo, phase.game_index)
 
 
+def _local_learner(algo: Any) -> Any:
+    """The learner (``num_learners=0``: it lives in this process), whose module and expert backends the
+    schedule uses directly: evaluation, detector rollouts, prefetch at a switch, store counters."""
+    return algo.learner_group._learner
+
+
 def _learner_module(algo: Any) -> MoEAgentModule:
     from ray.rllib.core import DEFAULT_MODULE_ID
 
-    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]  # num_learners=0: the learner lives here
-    return module.unwrapped()
+    return _local_learner(algo).module[DEFAULT_MODULE_ID].unwrapped()
 
 
 @torch.no_grad()
@@ -203,9 +208,9 @@ class RunGauges:
 class SequentialRun:
     def __init__(self, cfg: RLConfig, store: StoreConfig | None = None, resume: bool = False) -> None:
         self.cfg, self.resume = cfg, resume
-        self.games = validate_games(cfg.suite, cfg.game_list)
+        self.games = validate_games(cfg.suite, cfg.games)
         self.game_ids = {g: i for i, g in enumerate(self.games)}
-        model_config(cfg, len(self.games))  # refuse impossible groups before anything is written
+        self.groups = model_config(cfg, len(self.games))["groups"]  # impossible groups refused before any write
         self.run_dir = Path(cfg.run_dir or Path("artifacts/rl") / cfg.run_name).resolve()
         if resume:
             self.checkpoint = latest_checkpoint(self.run_dir)
@@ -279,7 +284,7 @@ class SequentialRun:
             raise ConfigError("--experts tiered needs MoE layers (drop --dense)")
         total = self.cfg.num_experts * self.cfg.moe_layers
         resolved = store.resolved(self.run_dir, f"rl-{self.cfg.run_name}", total, use_gpu=False)
-        group = len(model_config(self.cfg, len(self.games))["groups"][0]) * self.cfg.moe_layers
+        group = len(self.groups[0]) * self.cfg.moe_layers
         say(f"rl  experts in the tiered store {resolved.path}: hot tier {resolved.capacity_gpu} of {total} "
             f"experts ({group} per game group)")
         return resolved
@@ -369,8 +374,8 @@ class SequentialRun:
         frame, _ = make_env(self.cfg.suite, phase.game, seed=self.cfg.seed + phase.index).reset()
         seen = phase.game_index in self.detector.seen_per_game
         named = self.detector.predict(frame[None]).game if seen else phase.game_index
-        group = model_config(self.cfg, len(self.games))["groups"][named]
-        for backend in algo.learner_group._learner.expert_backends.values():
+        group = self.groups[named]
+        for backend in _local_learner(algo).expert_backends.values():
             backend.prefetch({layer: list(group) for layer in range(self.cfg.moe_layers)})
         self.log.write("switch", step=self._steps_done(), game=phase.game, announced=self.games[named],
                        announced_by="detector" if seen else "schedule", prefetched_group=list(group))
@@ -381,7 +386,7 @@ class SequentialRun:
         if not self.store.tiered:
             return
         step = (phase.index + 1) * self.cfg.steps_per_game
-        for backend in algo.learner_group._learner.expert_backends.values():
+        for backend in _local_learner(algo).expert_backends.values():
             stats = backend.stats(step)
             if stats is not None:
                 self.log.write("store_stats", **{**stats, "step": step, "game": phase.game})

@@ -67,7 +67,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every event of a metrics JSONL file. A torn last line (a run killed, or still writing, mid-line) is left
+    out; any other line that is not a JSON object raises ``ValueError`` naming its number."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise ValueError(f"line {number} is not JSON") from None
+        if not isinstance(event, dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        events.append(event)
+    return events
 
 
 def say(line: str, stream: TextIO | None = None) -> None:
