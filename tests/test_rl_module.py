@@ -143,7 +143,7 @@ def _ppo_config(lb_coef: float = 0.01, **model_config):
 
     spec = RLModuleSpec(module_class=MoEAgentModule,
                         model_config={**SMALL, "lb_coef": lb_coef, "num_games": 2, **model_config})
-    return PPOConfig().training(learner_class=MoEPPOLearner).rl_module(rl_module_spec=spec).learners(num_learners=0)
+    return PPOConfig().rl_module(rl_module_spec=spec).learners(num_learners=0, learner_class=MoEPPOLearner)
 
 
 def _ppo_batch(module: MoEAgentModule, n: int = 16) -> dict[str, torch.Tensor]:

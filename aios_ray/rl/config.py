@@ -26,6 +26,13 @@ class RLConfig:
     dense: bool = _opt(False, "baseline: a dense SwiGLU FFN with the MoE's active parameters per step")
     routing: str = _opt("groups", "'groups': the router is restricted to the active game's group (plus shared "
                                   "experts); 'free': unrestricted (the ablation)")
+    shared_training: str = _opt("auto", "'first': the shared parameters (encoder, policy head, shared experts, "
+                                        "routers) train in the first phase only, later phases train only the game's "
+                                        "own experts and the value head; 'always': everything trains in every phase; "
+                                        "'auto': 'first' with routing groups, 'always' for --dense or --routing free")
+    game_heads: bool = _opt(True, "one policy head and one value head per game, picked like its expert group (by "
+                                  "the schedule in training, by the detector at evaluation); --no-game-heads: one "
+                                  "shared pair")
     lb_coef: float = _opt(0.01, "weight of the MoE load-balance loss in the PPO loss")
     lr: float = _opt(5e-4, "PPO learning rate")
     num_env_runners: int = _opt(0, "RLlib env runner actors (0: sample in the driver process)")
@@ -56,7 +63,19 @@ class RLConfig:
                               f"{self.num_experts}")
         if self.routing not in ("groups", "free"):
             raise ConfigError(f"--routing {self.routing!r}: expected 'groups' or 'free'")
+        if self.shared_training not in ("auto", "first", "always"):
+            raise ConfigError(f"--shared-training {self.shared_training!r}: expected 'auto', 'first' or 'always'")
+        if self.shared_training == "first" and (self.dense or self.routing != "groups"):
+            raise ConfigError("--shared-training first needs routing groups: with --dense or --routing free every "
+                              "game shares every parameter, and nothing would train after the first phase")
         _check_name("--run-name", self.run_name)
+
+    @property
+    def freezes_shared(self) -> bool:
+        """Whether phases after the first train only the game's own parameters (see ``shared_training``)."""
+        if self.shared_training == "auto":
+            return not self.dense and self.routing == "groups"
+        return self.shared_training == "first"
 
     @property
     def train_batch_size(self) -> int:

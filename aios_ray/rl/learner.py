@@ -19,11 +19,12 @@ built (``LocalExperts``, or the tiered store when ``model_config["store"]`` says
 ``postprocess_gradients_for_module``, ``backend.step(lr)`` after RLlib's optimizer in ``apply_gradients``,
 ``end_step`` (or ``abort_step``) after.
 
-Use: ``PPOConfig().training(learner_class=MoEPPOLearner)``.
+Use: ``PPOConfig().learners(learner_class=MoEPPOLearner)``.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from ray.rllib.utils.typing import ModuleID, ParamDict
 from aios_ray.rl.module import LB_LOSS_KEY
 from aios_ray.rl.tiered import close_agent_experts, open_agent_experts
 from aios_ray.store.backend import ExpertBackend
-from aios_ray.train.optim import ExpertSparseAdamW, is_expert_param
+from aios_ray.train.optim import ExpertSparseAdamW, is_expert_param, is_router_param
 
 LB_METRIC = "moe_lb_loss"  # learner results, per module: the balance loss before the coefficient
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults: the optimizer RLlib's TorchLearner builds
@@ -58,13 +59,15 @@ class MoEPPOLearner(PPOTorchLearner):
         """Adam (torch's defaults, no weight decay) with per-expert steps for local experts; see the module doc."""
         module = self._module[module_id]
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-        experts = [p for name, p in named if is_expert_param(name)]
-        others = [p for name, p in named if not is_expert_param(name)]
+        # A router's weight is (experts, features): its rows are stepped per expert too, so the rows of
+        # experts outside the active group do not move on stale momentum either.
+        per_expert = [p for name, p in named if is_expert_param(name) or is_router_param(name)]
+        others = [p for name, p in named if not (is_expert_param(name) or is_router_param(name))]
         groups = [{"params": others, "name": "params"},
-                  {"params": experts, "name": "experts", "per_expert": True}]
+                  {"params": per_expert, "name": "experts", "per_expert": True}]
         # lr 0 until registration: RLlib's scheduler sets the LR (fixed or scheduled) on every group.
         optimizer = ExpertSparseAdamW([g for g in groups if g["params"]], lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS)
-        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=others + experts,
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=others + per_expert,
                                 lr_or_lr_schedule=config.lr)
 
     def shutdown(self) -> None:
@@ -75,6 +78,7 @@ class MoEPPOLearner(PPOTorchLearner):
     # --- one minibatch update = one expert-backend step ----------------------------------------------------
 
     def _update(self, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+        started = time.perf_counter()
         for backend in self.expert_backends.values():
             backend.begin_step()
         try:
@@ -86,13 +90,29 @@ class MoEPPOLearner(PPOTorchLearner):
         self._expert_steps = getattr(self, "_expert_steps", 0) + 1
         for backend in self.expert_backends.values():
             backend.end_step(self._expert_steps)
+        samples, seconds = self.samples_trained()
+        self._samples_trained = (samples + _minibatch_rows(batch), seconds + time.perf_counter() - started)
         return result
+
+    def samples_trained(self) -> tuple[int, float]:
+        """(samples, seconds) over every minibatch update so far: a sample counts once per epoch that trains on
+        it; the seconds are those of the updates themselves (forward, backward, optimizer and store)."""
+        return getattr(self, "_samples_trained", (0, 0.0))
 
     def compute_gradients(self, loss_per_module: dict[ModuleID, Any], **kwargs: Any) -> ParamDict:
         gradients = super().compute_gradients(loss_per_module, **kwargs)
-        for backend in self.expert_backends.values():
+        dropped: set[int] = set()
+        for module_id, backend in self.expert_backends.items():
             backend.after_backward()
-        return gradients
+            module = self.module[module_id].unwrapped()
+            if getattr(module, "shared_frozen", False):  # only the active game's own parameters train
+                dropped.update(id(p) for p in module.drop_shared_gradients())
+                held = module.held_experts()
+                backend.drop_expert_gradients({layer: held for layer in range(len(module.moe_layers()))})
+        # Dropped gradients leave the dict (RLlib would set them back on the parameters and step them), and so
+        # do the missing ones of parameters this pass did not use (the other games' heads).
+        return {ref: grad for ref, grad in gradients.items()
+                if grad is not None and id(self._params[ref]) not in dropped}
 
     def postprocess_gradients_for_module(self, *, module_id: ModuleID, config: Any = None,
                                          module_gradients_dict: ParamDict) -> ParamDict:
@@ -135,3 +155,10 @@ class MoEPPOLearner(PPOTorchLearner):
         coef = float(module.agent_config.lb_coef) if hasattr(module, "agent_config") else 0.0
         self.metrics.log_value((module_id, LB_METRIC), lb_loss.detach(), window=1)
         return total + coef * lb_loss
+
+
+def _minibatch_rows(batch: dict[str, Any]) -> int:
+    """Rows of one minibatch (the largest module's: every module trains on its own rows)."""
+    from ray.rllib.core.columns import Columns
+
+    return max((len(columns[Columns.OBS]) for columns in batch.values() if Columns.OBS in columns), default=0)

@@ -48,6 +48,7 @@ from aios_ray.model.moe import MoEFeedForward, MoEStats
 
 LB_LOSS_KEY = "moe_lb_loss"  # forward_train output: the balance loss summed over the MoE layers
 ACTIVE_GAME_KEY = "_moe_active_game"  # module state: the game whose expert group is active (-1: none)
+SHARED_FROZEN_KEY = "_moe_shared_frozen"  # module state: only the active game's own parameters train
 GROUP_EXPERTS_KEY = "_moe_group_experts"  # inference-only state: ids of the experts it carries
 GROUP_SUFFIX = ":group"  # inference-only state: an expert tensor holding only the active group's rows
 EXPERT_PARAMS = ("w_gate_up", "w_down")
@@ -69,6 +70,9 @@ class AgentConfig:
     capacity_factor: float = 1.25
     lb_coef: float = 0.01
     routing: str = "groups"  # "groups": restrict to the active game's group; "free": the ablation
+    # One policy head and one value head per game, the active game's in use (as its expert group is): a
+    # game's logits and values then keep their own scale, and no later game moves its head.
+    game_heads: bool = False
     groups: tuple[tuple[int, ...], ...] | None = None  # per game: the expert ids it may use
     active_game: int = 0
     moe_impl: str = "fast"
@@ -186,21 +190,26 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.agent_config = cfg = AgentConfig.from_model_config(self.model_config)  # type: ignore[arg-type]
         self.encoder = make_encoder(self.observation_space, cfg.hidden)
         self.blocks = nn.ModuleList(FFNBlock(cfg) for _ in range(cfg.moe_layers))
-        self.pi_head = nn.Linear(cfg.hidden, int(self.action_space.n))
-        self.value_head = nn.Linear(cfg.hidden, 1)
-        # Near-uniform initial policy and unit-scale values (CleanRL's PPO initialisation).
-        nn.init.orthogonal_(self.pi_head.weight, gain=0.01)
-        nn.init.zeros_(self.pi_head.bias)
-        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
-        nn.init.zeros_(self.value_head.bias)
+        num_heads = len(cfg.groups) if cfg.game_heads and cfg.groups is not None else 1
+        if cfg.game_heads and cfg.groups is None:
+            raise ValueError("game_heads needs the games (model_config 'groups' or 'num_games')")
+        self.pi_head = nn.ModuleList(_head(cfg.hidden, int(self.action_space.n), 0.01) for _ in range(num_heads))
+        self.value_head = nn.ModuleList(_head(cfg.hidden, 1, 1.0) for _ in range(num_heads))
         for index, moe in enumerate(self.moe_layers()):
             moe.layer_index = index
         self.active_game = -1
+        self.shared_frozen = False  # see freeze_shared
         self.last_moe_stats: list[MoEStats] = []  # the latest forward's per-layer routing stats (for metrics)
         # Around reads of experts that live in a store (set with the store: its backend's ``evaluating``).
         self.expert_reads: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         if cfg.groups is not None:
             self.set_active_game(cfg.active_game)
+
+    def _head_index(self) -> int:
+        return max(self.active_game, 0) if self.agent_config.game_heads else 0
+
+    def policy_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.pi_head[self._head_index()](features)
 
     # --- routing -------------------------------------------------------------------------------------------
 
@@ -232,9 +241,54 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             return None
         return sorted(set(self.agent_config.groups[self.active_game]))  # type: ignore[index]
 
+    def own_experts(self) -> list[int]:
+        """The active game's own experts: its group less the experts another game may use too."""
+        groups = self.agent_config.groups
+        if not self.agent_config.restricts or self.active_game < 0:
+            raise ValueError("only a module routing per game group has experts of its own")
+        others = {e for g, group in enumerate(groups) if g != self.active_game for e in group}  # type: ignore[arg-type]
+        return sorted(set(groups[self.active_game]) - others)  # type: ignore[index]
+
+    def freeze_shared(self, frozen: bool) -> None:
+        """Frozen: from now on an update trains only what belongs to the active game (its own experts, their
+        router rows, its heads with ``game_heads``) and the value head; the encoder, a shared policy head, the
+        shared experts and the other games' router rows keep their weights. Why: the routing groups keep an old
+        game's experts unchanged, but its policy is encoder -> its experts -> policy head, and a later game that
+        moved the encoder or the head would change it all the same. A shared value head stays free: it does not
+        act."""
+        if frozen and not self.agent_config.restricts:
+            raise ValueError("freezing the shared parameters needs routing per game group")
+        self.shared_frozen = frozen
+
+    def held_experts(self) -> list[int]:
+        """Experts an update must leave as they are: with frozen shared parameters, all but the active game's own."""
+        if not self.shared_frozen:
+            return []
+        own = set(self.own_experts())
+        return [e for e in range(self.agent_config.num_experts) if e not in own]
+
+    def drop_shared_gradients(self) -> list[nn.Parameter]:
+        """After a backward pass with frozen shared parameters (else nothing): zero the held experts' rows of the
+        routers and of local stacked expert tensors (the per-expert optimizer leaves an all-zero row, weights and
+        moments, as it is), and drop the encoder's and policy head's gradients (their ``grad`` is None). Returns
+        the parameters whose gradients were dropped. Experts in a store are the expert backend's to hold."""
+        held = self.held_experts()
+        if not held:
+            return []
+        for moe in self.moe_layers():
+            for param in moe.parameters():  # the router (E, C) and, when local, the experts (E, ...): row = expert
+                if param.grad is not None:
+                    param.grad[held] = 0
+        dropped = [*self.encoder.parameters(), *([] if self.agent_config.game_heads else self.pi_head.parameters())]
+        for param in dropped:
+            param.grad = None
+        return dropped
+
     def active_parameter_count(self) -> int:
         """Parameters one observation's forward pass uses: all but the experts the router did not pick."""
         total = sum(p.numel() for p in self.parameters())
+        for heads in (self.pi_head, self.value_head):  # one game's heads act at a time
+            total -= sum(p.numel() for head in heads[1:] for p in head.parameters())
         per_expert = 3 * self.agent_config.hidden * self.agent_config.expert_hidden  # (C, 2F) and (F, C)
         for moe in self.moe_layers():
             if moe.expert_source is not None:  # experts in a store are no module parameters, yet they count
@@ -259,12 +313,12 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         features, _ = self._trunk(batch)
-        return {Columns.ACTION_DIST_INPUTS: self.pi_head(features)}
+        return {Columns.ACTION_DIST_INPUTS: self.policy_logits(features)}
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         # The embeddings let PPO's value loss reuse this pass instead of running the MoE again.
         features, lb_loss = self._trunk(batch)
-        out = {Columns.ACTION_DIST_INPUTS: self.pi_head(features), Columns.EMBEDDINGS: features}
+        out = {Columns.ACTION_DIST_INPUTS: self.policy_logits(features), Columns.EMBEDDINGS: features}
         if self.last_moe_stats:  # the dense baseline has no balance loss to add
             out[LB_LOSS_KEY] = lb_loss
         return out
@@ -272,7 +326,7 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     def compute_values(self, batch: dict[str, Any], embeddings: Any | None = None) -> torch.Tensor:
         if embeddings is None:
             embeddings, _ = self._trunk(batch)
-        return self.value_head(embeddings).squeeze(-1)
+        return self.value_head[self._head_index()](embeddings).squeeze(-1)
 
     def get_non_inference_attributes(self) -> list[str]:
         return ["value_head"]
@@ -284,6 +338,7 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         state = super().get_state(components, not_components=not_components, inference_only=inference_only,
                                   **kwargs)
         state[ACTIVE_GAME_KEY] = self.active_game
+        state[SHARED_FROZEN_KEY] = self.shared_frozen
         experts = self.active_experts()
         if inference_only and experts is not None:
             ids = np.asarray(experts, dtype=np.int64)
@@ -295,6 +350,17 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         elif self.experts_in_store():  # a complete state: every expert, as a local module's state has them
             state.update(self._stored_experts(range(self.agent_config.num_experts)))
         return state
+
+    def _check_stored_experts(self, experts: dict[str, Any]) -> None:
+        """A state restored into a module whose experts live in a store (a resumed run): the store went back to the
+        checkpoint's snapshot, so it must hold exactly the experts the checkpoint's state has."""
+        if not experts:
+            return
+        stored = self._stored_experts(range(self.agent_config.num_experts))
+        for key, value in experts.items():
+            if key not in stored or not np.array_equal(stored[key], np.asarray(value)):
+                raise ValueError(f"expert store does not hold the checkpoint's {key}: the store's snapshot and the "
+                                 "checkpoint disagree")
 
     def _stored_experts(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
         """State-dict name -> the experts ``ids`` of that MoE layer, stacked, read from the store (copies)."""
@@ -312,6 +378,7 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     def set_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
         game = state.pop(ACTIVE_GAME_KEY, None)
+        frozen = state.pop(SHARED_FROZEN_KEY, None)
         ids = state.pop(GROUP_EXPERTS_KEY, None)
         if ids is not None:  # a group-only sync: the other experts keep their local rows
             own = self.state_dict()
@@ -320,9 +387,21 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
                 full = own[name].detach().clone()
                 full[torch.as_tensor(ids)] = torch.as_tensor(state.pop(key), dtype=full.dtype)
                 state[name] = full
+        if self.experts_in_store():
+            self._check_stored_experts({key: state.pop(key) for key in _expert_keys(state)})
         super().set_state(state)
         if game is not None and int(game) >= 0:
             self.set_active_game(int(game))
+        if frozen is not None:
+            self.shared_frozen = bool(frozen)
+
+
+def _head(features: int, out: int, gain: float) -> nn.Linear:
+    """A linear head: near-uniform initial policy (gain 0.01), unit-scale values (1.0), CleanRL's PPO init."""
+    head = nn.Linear(features, out)
+    nn.init.orthogonal_(head.weight, gain=gain)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 def _expert_keys(state: dict[str, Any]) -> list[str]:
@@ -355,6 +434,11 @@ def set_active_game_everywhere(algo: Any, game: int) -> int:
         if group is not None:
             group.foreach_env_runner(receive)
     return state_nbytes(state)
+
+
+def freeze_shared_everywhere(algo: Any, frozen: bool) -> None:
+    """``MoEAgentModule.freeze_shared`` on every learner (env runners do not train: nothing to tell them)."""
+    algo.learner_group.foreach_learner(lambda learner: _single_module(learner.module).freeze_shared(frozen))
 
 
 def _single_module(module: Any) -> MoEAgentModule:

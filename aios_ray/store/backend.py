@@ -11,6 +11,8 @@ A loop (the text ``Trainer``, the RL learner) calls, per optimizer step::
 
 and at checkpoints ``backend.checkpoint(tag)`` (what to add to the checkpoint), after a failure
 ``backend.failed()`` / ``backend.recover(snapshot)``, around evaluation ``with backend.evaluating():``.
+A loop that trains only part of the experts this step calls ``backend.drop_expert_gradients(held)`` after
+``after_backward`` (for local experts it zeroes their rows of the model's gradients itself).
 
 - ``LocalExperts``: the experts are ordinary parameters of the model; every call does nothing.
 - ``TieredBackend``: the experts live in the tiered store (hot slab -> DRAM -> NVMe). Per step it leases
@@ -67,6 +69,7 @@ class ExpertBackend(Protocol):
     def stats(self, step: int) -> dict[str, Any] | None: ...
     def reopened(self) -> dict[str, int] | None: ...
     def prefetch(self, experts: dict[int, list[int]]) -> None: ...
+    def drop_expert_gradients(self, experts: dict[int, list[int]]) -> None: ...
 
 
 class LocalExperts:
@@ -112,6 +115,9 @@ class LocalExperts:
 
     def prefetch(self, experts: dict[int, list[int]]) -> None:
         return None
+
+    def drop_expert_gradients(self, experts: dict[int, list[int]]) -> None:
+        return None  # the experts are model parameters: the loop drops their gradients with the rest
 
 
 class Workers:
@@ -238,6 +244,14 @@ class TieredBackend:
             for layer in used:
                 self.store.prefetch(layer, self.history.predict(layer))
         self.step_index = step
+
+    def drop_expert_gradients(self, experts: dict[int, list[int]]) -> None:
+        """After backward: these experts (layer -> ids) take no step this time; their weights, moments and
+        step count stay as they are (held, e.g. because they belong to another task)."""
+        for key, leaves in self.experts.leaves.items():
+            if key.expert in experts.get(key.layer, ()):
+                for leaf in leaves:
+                    leaf.grad = None
 
     def abort_step(self) -> None:
         """A step that failed (out of memory) gives its leases back and drops its gradients."""

@@ -18,6 +18,10 @@ def is_expert_param(name: str) -> bool:
     return ".ffn.w_" in name and "router" not in name
 
 
+def is_router_param(name: str) -> bool:
+    return ".ffn.router." in name
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
     """Groups: decayed matrices, undecayed vectors/embeddings, routers (own LR scale) and experts.
 
