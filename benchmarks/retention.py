@@ -6,11 +6,13 @@ seed (``--seeds``, default 0,1) this runs, in this one process, the same sequenc
 default Breakout,SpaceInvaders,Freeway; ``--steps-per-game`` env steps each, one pass) twice with
 ``aios_ray.rl.sequential.run_sequential``:
 
-* ``moe``: the default ``RLConfig`` agent (8 experts top-2, 2 shared, one group per game, ``routing=groups``),
-  its experts ``--moe-experts`` (``tiered``: the GPU/DRAM/NVMe store's Ray actors, as the issue asks;
-  ``local``: in the training process);
+* ``moe``: the default ``RLConfig`` agent (8 experts top-2, 2 shared, one group per game, ``routing=groups``,
+  a policy and value head per game, ``shared_training=auto``: the encoder, shared experts and routers train
+  in the first phase only), its experts ``--moe-experts`` (``tiered``: the GPU/DRAM/NVMe store's Ray actors,
+  as the issue asks; ``local``: in the training process);
 * ``dense``: the same ``RLConfig`` with ``dense=True`` (a SwiGLU FFN with the MoE's active parameters per
-  step), experts local (a dense agent has none to store).
+  step, the same per-game heads, every parameter trained in every phase), experts local (a dense agent has
+  none to store).
 
 Everything else (seed, steps, PPO settings, evaluation episodes) is identical. Each run writes its own run
 directory ``<--out>/retention-<variant>-s<seed>`` (default under a fresh temporary directory).
@@ -32,7 +34,7 @@ A ratio whose denominator is <= 0 or NaN is printed as inf/nan with a note (a de
 or did worse than random at the end, has no meaningful ratio).
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/retention.py [--seeds 0,1] [--steps-per-game 20000] \\
-        [--moe-experts tiered|local] [--eval-episodes 5] [--threads 1]
+        [--moe-experts tiered|local] [--eval-episodes 5] [--threads 1] [--jobs 2]
 
 ``--threads 1`` on a shared 2-core machine: under contention torch with 2 intra-op threads slows down far more
 than the emulator (see the RL throughput section of RESULTS.md).
@@ -79,6 +81,27 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dic
     return {"variant": variant, "seed": seed, "experts": experts, "wall_s": wall, "run_dir": str(run_dir),
             "games": games, "matrix": np.asarray(result["retention"], dtype=float),
             "random": np.asarray([result["random_scores"][g] for g in games], dtype=float)}
+
+
+def run_all(seeds: list[int], args: argparse.Namespace, out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every (variant, seed) run, ``--jobs`` at a time (each in its own process with its own local Ray)."""
+    jobs = [(v, seed) for seed in seeds for v in VARIANTS]
+    if args.jobs <= 1:
+        return {(v, seed): run_one(v, seed, args, out) for v, seed in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=set_threads, initargs=(args.threads,)) as pool:
+        futures = {job: pool.submit(run_one, *job, args, out) for job in jobs}
+        return {job: future.result() for job, future in futures.items()}
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def metrics_on_scale(run: dict[str, Any], best: np.ndarray | None) -> dict[str, Any]:
@@ -138,11 +161,9 @@ def main() -> None:
     parser.add_argument("--moe-experts", choices=("local", "tiered"), default="tiered")
     parser.add_argument("--out", default=None, help="parent of the run directories (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="aios-retention-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +172,7 @@ def main() -> None:
           f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}")
     print(f"workload: minatar {args.games}, {args.steps_per_game} env steps per game, one pass, seeds {seeds}, "
           f"{args.eval_episodes} eval episodes (actions sampled from the policy), "
-          f"torch threads {args.threads or 'default'}; "
+          f"torch threads {args.threads or 'default'}, {args.jobs} run(s) at a time; "
           f"moe experts {args.moe_experts}, dense experts local; "
           f"run dirs under {out}")
     if args.moe_experts == "local":
@@ -159,8 +180,9 @@ def main() -> None:
     started = time.perf_counter()
     figures: dict[str, dict[str, list[float]]] = {v: {"forgetting": [], "final": []} for v in VARIANTS}
     records = []
+    finished = run_all(seeds, args, out)
     for seed in seeds:
-        runs = {v: run_one(v, seed, args, out) for v in VARIANTS}
+        runs = {v: finished[(v, seed)] for v in VARIANTS}
         if not np.allclose(runs["moe"]["random"], runs["dense"]["random"]):
             print(f"note: seed {seed}: random scores differ between the runs; each run keeps its own")
         best = np.maximum(runs["moe"]["matrix"].max(axis=0), runs["dense"]["matrix"].max(axis=0))

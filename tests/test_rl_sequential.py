@@ -15,27 +15,36 @@ pytestmark = pytest.mark.ray
 
 
 def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, capsys):
+    """Two games, each visited twice (--cycles 2): on a revisit the detector, not the schedule, names the game."""
     run_dir = tmp_path / "run"
-    assert main(["rl", "sequential", "--config", "rl_synthetic", "--run-dir", str(run_dir)]) == 0
+    assert main(["rl", "sequential", "--config", "rl_synthetic", "--run-dir", str(run_dir), "--cycles", "2",
+                 "--steps-per-game", "768"]) == 0
     out = capsys.readouterr().out
-    assert "rl  phase 1/2 synth0" in out and "rl  phase 2/2 synth1" in out and "ETA" in out
+    assert "rl  phase 1/4 synth0" in out and "rl  phase 4/4 synth1" in out and "ETA" in out
     retention = json.loads((run_dir / "retention.json").read_text())
-    assert retention["games"] == ["synth0", "synth1"] and retention["phases"] == ["1:synth0", "2:synth1"]
-    assert len(retention["matrix"]) == 2 and all(len(row) == 2 for row in retention["matrix"])
+    assert retention["games"] == ["synth0", "synth1"]
+    assert retention["phases"] == ["1:synth0", "2:synth1", "3:synth0", "4:synth1"]
+    assert len(retention["matrix"]) == 4 and all(len(row) == 2 for row in retention["matrix"])
     rows = list(csv.reader((run_dir / "retention.csv").open()))
-    assert rows[0] == ["after_phase", "synth0", "synth1"] and rows[-1][0] == "random_policy" and len(rows) == 4
+    assert rows[0] == ["after_phase", "synth0", "synth1"] and rows[-1][0] == "random_policy" and len(rows) == 6
     iterations = events(run_dir / "metrics.jsonl", "iteration")
-    assert [e["game"] for e in iterations] == ["synth0"] * 6 + ["synth1"] * 6  # 1,536 steps of 256 per game
-    assert iterations[-1]["phase_steps"] == 1536 and iterations[-1]["env_steps_per_sec"] > 0
+    assert [e["game"] for e in iterations] == (["synth0"] * 3 + ["synth1"] * 3) * 2  # 768 steps of 256 per phase
+    assert iterations[-1]["phase_steps"] == 768 and iterations[-1]["env_steps_per_sec"] > 0
+    assert all(e["learner_samples_per_sec"] > 0 for e in iterations)
     assert all(e["moe_lb_loss"] > 0 for e in iterations)  # the balance loss reached the learner
     switches = events(run_dir / "metrics.jsonl", "switch")
-    assert [e["game"] for e in switches] == ["synth0", "synth1"]
+    assert [e["game"] for e in switches] == ["synth0", "synth1"] * 2
     # a first visit: the detector has never seen the game, the schedule announces it and its group is prefetched
     assert switches[1]["announced_by"] == "schedule" and switches[1]["prefetched_group"] == [0, 1, 4, 5]
+    # a revisit: the detector names the game from the new environment's first frame
+    assert [(e["announced_by"], e["announced"]) for e in switches[2:]] == [("detector", "synth0"),
+                                                                           ("detector", "synth1")]
     phase_ends = events(run_dir / "metrics.jsonl", "phase_end")
     # The policy is never told the game at evaluation: the detector names it, right for both games at the end.
     assert phase_ends[-1]["detector_right"] == {"synth0": 1.0, "synth1": 1.0}
-    assert len(phase_ends[-1]["detector_frames_to_detect"]) == 2
+    # Frames until it named the new game after each switch: on a revisit it knows it from the first frame.
+    frames = phase_ends[-1]["detector_frames_to_detect"]
+    assert len(frames) == 4 and frames[2:] == [1, 1], frames
     # Routing per game: each game's choices stay in its own group and the shared experts, so the game tells a
     # lot about the chosen expert; a router that ignored the game would give close to 0 bits.
     from aios_ray.rl.metrics import specialisation
@@ -49,6 +58,8 @@ def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, cap
     (["--suite", "chess"], "chess"),
     (["--steps-per-game", "0"], "--steps-per-game must be > 0"),
     (["--num-experts", "4", "--shared-experts", "4"], "--num-experts/--shared-experts"),
+    (["--dense", "--shared-training", "first"], "--shared-training first needs routing groups"),
+    (["--shared-training", "sometimes"], "--shared-training 'sometimes'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, flags: list[str], message: str):
     run_dir = tmp_path / "run"
@@ -58,10 +69,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, flags:
     assert not run_dir.exists()
 
 
-def test_a_run_killed_mid_phase_resumes_from_its_last_checkpoint(ray_local, tmp_path: Path):
+@pytest.mark.parametrize("experts", [["--experts", "local"], ["--experts", "tiered", "--capacity-gpu", "3"]],
+                         ids=["local", "tiered"])
+def test_a_run_killed_mid_phase_resumes_from_its_last_checkpoint(ray_local, tmp_path: Path, experts: list[str]):
     """SIGKILL the run during its 5th PPO iteration (checkpoints every 2): `--resume` continues from iteration 4
     of the first game with the detector, schedule and retention rows it had, and the log ends up holding every
-    iteration exactly once."""
+    iteration exactly once. Tiered: the store (weights, Adam moments, steps) goes back to that checkpoint's
+    snapshot, and the module's restored state is checked against it."""
     import os
     import signal
     import subprocess
@@ -71,10 +85,10 @@ def test_a_run_killed_mid_phase_resumes_from_its_last_checkpoint(ray_local, tmp_
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen([sys.executable, "-m", "aios_ray", "rl", "sequential", "--config", "rl_synthetic",
-                                "--run-dir", str(run_dir), "--checkpoint-every", "2"], env=env,
+                                "--run-dir", str(run_dir), "--checkpoint-every", "2", *experts], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a loaded 2-core machine starts Ray and the store's actors slowly
     try:
         while time.time() < deadline and process.poll() is None:
             if log.exists() and any(e.get("iteration", 0) >= 5 for e in _read(log)):
@@ -87,6 +101,9 @@ def test_a_run_killed_mid_phase_resumes_from_its_last_checkpoint(ray_local, tmp_
     assert main(["rl", "sequential", "--resume", str(run_dir)]) == 0
     (restart,) = events(log, "restart")
     assert (restart["phase"], restart["phase_steps"], restart["step"]) == (0, 1024, 1024)
+    if "tiered" in experts:
+        assert restart["store_reverted_to"] == "ckpt_000004"
+        assert [e["game"] for e in events(log, "store_stats")] == ["synth0", "synth1"]
     iterations = events(log, "iteration")
     assert [e["iteration"] for e in iterations] == list(range(1, 13))
     assert [e["phase_steps"] for e in iterations] == [256 * i for i in range(1, 7)] * 2

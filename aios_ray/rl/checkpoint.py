@@ -2,7 +2,8 @@
 (weights, Adam state and its frame memory, as safetensors) and where the schedule stood (JSON).
 
 A checkpoint is written under a temporary name and renamed into place, so a directory named
-``ckpt_<iteration>`` is always complete; the newest two are kept.
+``ckpt_<iteration>`` is always complete; the newest two are kept. With experts in the tiered store, the store
+is snapshotted under the checkpoint's name as well (``aios_ray.rl.tiered``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from safetensors.numpy import save_file as save_numpy
 from aios_ray.durable import fsync_dir
 from aios_ray.errors import DataError
 from aios_ray.rl.detector import DetectorTrainer
+from aios_ray.store.backend import ExpertBackend
 
 CHECKPOINTS = "checkpoints"
 KEEP = 2
@@ -70,10 +73,15 @@ def restore_detector(trainer: DetectorTrainer, tensors: dict[str, np.ndarray]) -
     trainer.frames_seen = int(tensors["frames_seen"][0])
 
 
-def save_checkpoint(run_dir: Path, algo: Any, trainer: DetectorTrainer, state: ScheduleState) -> Path:
+def save_checkpoint(run_dir: Path, algo: Any, trainer: DetectorTrainer, state: ScheduleState,
+                    expert_backends: Iterable[ExpertBackend] = ()) -> Path:
+    """``expert_backends``: the learner's; a tiered one flushes and snapshots its store under the checkpoint's
+    name first (a resume restores that snapshot), and the algorithm's state then holds the same experts."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt_{state.iteration:06d}"
+    for backend in expert_backends:
+        backend.checkpoint(final.name)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     algo.save_to_path(str(tmp / "algo"))
     save_numpy(detector_tensors(trainer), str(tmp / "detector.safetensors"))

@@ -37,8 +37,8 @@ from aios_ray.rl.checkpoint import ScheduleState, latest_checkpoint, load_checkp
 from aios_ray.rl.config import RLConfig, rl_config_from_dict
 from aios_ray.rl.detector import DetectorTrainer, EnvironmentDetector, SwitchWatch
 from aios_ray.rl.envs import make_env, register_rllib_env, suite_spaces, validate_games
-from aios_ray.rl.module import MoEAgentModule, expert_groups, set_active_game_everywhere
-from aios_ray.rl.tiered import STORE_KEY
+from aios_ray.rl.module import MoEAgentModule, expert_groups, freeze_shared_everywhere, set_active_game_everywhere
+from aios_ray.rl.tiered import RESUME_KEY, STORE_KEY
 from aios_ray.tracking.jsonl import MetricsLog, format_seconds, say
 
 
@@ -63,12 +63,14 @@ def model_config(cfg: RLConfig, num_games: int) -> dict[str, Any]:
                           f"{cfg.num_experts_per_tok}: raise --num-experts or --shared-experts")
     return {"hidden": cfg.hidden, "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
             "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "dense": cfg.dense,
-            "routing": cfg.routing, "groups": groups, "lb_coef": cfg.lb_coef}
+            "routing": cfg.routing, "groups": groups, "lb_coef": cfg.lb_coef, "game_heads": cfg.game_heads}
 
 
-def build_algo(cfg: RLConfig, games: list[str], store: StoreConfig | None = None) -> Any:
+def build_algo(cfg: RLConfig, games: list[str], store: StoreConfig | None = None,
+               resume_snapshot: str | None = None) -> Any:
     """RLlib PPO (new API stack) with the MoE agent and its learner, on the first game; ``store`` (resolved,
-    ``experts="tiered"``) puts the learner's experts in the tiered expert store."""
+    ``experts="tiered"``) puts the learner's experts in the tiered expert store, which goes back to snapshot
+    ``resume_snapshot`` first when given (a resumed run)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -79,13 +81,13 @@ def build_algo(cfg: RLConfig, games: list[str], store: StoreConfig | None = None
         .environment(env=register_rllib_env(), env_config={"suite": cfg.suite, "game": games[0]})
         .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                      rollout_fragment_length=cfg.rollout_length)
-        .learners(num_learners=0)
+        .learners(num_learners=0, learner_class=MoEPPOLearner)
         .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size,
-                  minibatch_size=min(cfg.minibatch_size, cfg.train_batch_size), num_epochs=cfg.num_epochs,
-                  learner_class=MoEPPOLearner)
+                  minibatch_size=min(cfg.minibatch_size, cfg.train_batch_size), num_epochs=cfg.num_epochs)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=MoEAgentModule,
                                                model_config={**model_config(cfg, len(games)),
-                                                             STORE_KEY: dataclasses.asdict(store or StoreConfig())}))
+                                                             STORE_KEY: dataclasses.asdict(store or StoreConfig()),
+                                                             RESUME_KEY: resume_snapshot}))
         .debugging(seed=cfg.seed)
     )
     return config.build_algo()
@@ -101,6 +103,7 @@ def switch_game(algo: Any, cfg: RLConfig, phase: Phase) -> int:
         env_runner.make_env()
 
     algo.env_runner_group.foreach_env_runner(remake)
+    freeze_shared_everywhere(algo, cfg.freezes_shared and phase.index > 0)
     return set_active_game_everywhere(algo, phase.game_index)
 
 
@@ -191,7 +194,8 @@ def rollout_frames(module: MoEAgentModule, suite: str, game: str, count: int, se
 class RunGauges:
     """The iteration metrics as Ray metrics (``ray_aios_rl_*`` on the dashboard's metrics port), per game."""
 
-    NAMES = ("episode_return_mean", "env_steps_per_sec", "moe_lb_loss", "detector_accuracy", "detector_loss")
+    NAMES = ("episode_return_mean", "env_steps_per_sec", "learner_samples_per_sec", "moe_lb_loss",
+             "detector_accuracy", "detector_loss")
 
     def __init__(self) -> None:
         from ray.util.metrics import Gauge
@@ -218,9 +222,6 @@ class SequentialRun:
             raise ConfigError(f"run directory {self.run_dir} already exists: choose another --run-name or --run-dir, "
                               f"or continue it with --resume {self.run_dir}")
         self.store = self._resolve_store(store or StoreConfig())
-        if resume and self.store.tiered:
-            raise ConfigError(f"--resume {self.run_dir}: a run with --experts tiered cannot be resumed yet (its "
-                              "checkpoints do not restore the expert store)")
         self.phases = plan_phases(self.games, cfg.cycles)
         obs_space, _ = suite_spaces(cfg.suite)
         torch.manual_seed(cfg.seed)
@@ -238,7 +239,9 @@ class SequentialRun:
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         ensure_ray(None)
         self.gauges = RunGauges()
-        algo = build_algo(self.cfg, self.games, self.store)
+        # A resumed run's store goes back to its checkpoint's snapshot as the learner opens it.
+        algo = build_algo(self.cfg, self.games, self.store,
+                          resume_snapshot=self.checkpoint.name if self.resume and self.store.tiered else None)
         try:
             self._start(algo)
             started, self.steps_at_start = time.perf_counter(), self._steps_done()
@@ -249,7 +252,7 @@ class SequentialRun:
                 self._evaluate(algo, phase)
                 self.state.phase, self.state.phase_steps = phase.index + 1, 0
                 self._write_retention()
-                save_checkpoint(self.run_dir, algo, self.detector, self.state)
+                save_checkpoint(self.run_dir, algo, self.detector, self.state, self._expert_backends(algo))
         finally:
             algo.stop()
             self.log.close()
@@ -271,8 +274,10 @@ class SequentialRun:
         self.switch_watch = SwitchWatch(detected_after=list(self.state.detected_after))
         done = self._steps_done()
         dropped, last = self.log.rewind(done)
+        reverted = [backend.reopened() for backend in self._expert_backends(algo) if backend.reopened() is not None]
         self.log.write("restart", step=done, checkpoint=str(self.checkpoint), lines_replaced=dropped,
-                       last_logged_step=last, phase=self.state.phase, phase_steps=self.state.phase_steps)
+                       last_logged_step=last, phase=self.state.phase, phase_steps=self.state.phase_steps,
+                       **({"store_reverted_to": self.checkpoint.name, "store_cache": reverted[0]} if reverted else {}))
         say(f"rl  resumed from {self.checkpoint} at env step {done:,} (phase {self.state.phase + 1}, "
             f"{self.state.phase_steps:,} steps into it); {max(last - done, 0):,} logged steps run again")
 
@@ -298,6 +303,9 @@ class SequentialRun:
 
             shutdown_store(self.store)
 
+    def _expert_backends(self, algo: Any) -> list[Any]:
+        return list(_local_learner(algo).expert_backends.values())
+
     def _steps_done(self) -> int:
         return self.state.phase * self.cfg.steps_per_game + self.state.phase_steps
 
@@ -308,9 +316,13 @@ class SequentialRun:
         from aios_ray.rl.learner import LB_METRIC
 
         total_steps = self.cfg.steps_per_game * len(self.phases)
+        learner = _local_learner(algo)
         while self.state.phase_steps < self.cfg.steps_per_game:
             t0 = time.perf_counter()
+            samples_before, seconds_before = learner.samples_trained()
             result = algo.train()
+            samples, seconds = learner.samples_trained()
+            learner_sps = (samples - samples_before) / max(seconds - seconds_before, 1e-9)
             self.state.iteration += 1
             self.state.phase_steps += self.cfg.train_batch_size  # what one iteration samples (train batch size)
             episode_return = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
@@ -322,10 +334,12 @@ class SequentialRun:
             eta = elapsed / max(done - self.steps_at_start, 1) * max(total_steps - done, 0)
             self.log.write("iteration", step=done, game=phase.game, phase=phase.index,
                            phase_steps=self.state.phase_steps, iteration=self.state.iteration,
-                           episode_return_mean=episode_return, env_steps_per_sec=sps, sync_bytes=sync_bytes,
-                           moe_lb_loss=lb_loss, **detector)
+                           episode_return_mean=episode_return, env_steps_per_sec=sps,
+                           learner_samples_per_sec=learner_sps, sync_bytes=sync_bytes, moe_lb_loss=lb_loss,
+                           **detector)
             self.gauges.update(phase.game, {"episode_return_mean": episode_return, "env_steps_per_sec": sps,
-                                            "moe_lb_loss": lb_loss, **detector})
+                                            "learner_samples_per_sec": learner_sps, "moe_lb_loss": lb_loss,
+                                            **detector})
             ret = f"{episode_return:.2f}" if episode_return is not None else "n/a"
             say(f"rl  phase {phase.index + 1}/{len(self.phases)} {phase.game:<14} | steps "
                 f"{self.state.phase_steps:,}/{self.cfg.steps_per_game:,} | return {ret} | {sps:,.0f} env steps/s | "
@@ -333,7 +347,7 @@ class SequentialRun:
             every = self.cfg.checkpoint_every
             if every and self.state.iteration % every == 0 and self.state.phase_steps < self.cfg.steps_per_game:
                 self.state.detected_after = list(self.switch_watch.detected_after)
-                save_checkpoint(self.run_dir, algo, self.detector, self.state)
+                save_checkpoint(self.run_dir, algo, self.detector, self.state, self._expert_backends(algo))
 
     def _teach_detector(self, algo: Any, phase: Phase) -> dict[str, float]:
         """Frames of the current game, played by the current policy, labelled with the game."""
@@ -375,7 +389,7 @@ class SequentialRun:
         seen = phase.game_index in self.detector.seen_per_game
         named = self.detector.predict(frame[None]).game if seen else phase.game_index
         group = self.groups[named]
-        for backend in _local_learner(algo).expert_backends.values():
+        for backend in self._expert_backends(algo):
             backend.prefetch({layer: list(group) for layer in range(self.cfg.moe_layers)})
         self.log.write("switch", step=self._steps_done(), game=phase.game, announced=self.games[named],
                        announced_by="detector" if seen else "schedule", prefetched_group=list(group))
@@ -386,7 +400,7 @@ class SequentialRun:
         if not self.store.tiered:
             return
         step = (phase.index + 1) * self.cfg.steps_per_game
-        for backend in _local_learner(algo).expert_backends.values():
+        for backend in self._expert_backends(algo):
             stats = backend.stats(step)
             if stats is not None:
                 self.log.write("store_stats", **{**stats, "step": step, "game": phase.game})

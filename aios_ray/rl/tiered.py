@@ -9,6 +9,11 @@ calls do nothing: the learner calls the backend unconditionally either way.
 ``model_config["store_in_process"]``: True runs the tiers in the learner's process (``LocalStore``: tests,
 runs without Ray); False uses the store's Ray actors (``actors.tier_actors.create_store``), as text
 training does. Default: the actors when Ray is initialised.
+
+Checkpoints: ``aios_ray.rl.checkpoint.save_checkpoint`` flushes and snapshots the store under the
+checkpoint's name before RLlib saves the algorithm; a resumed run sets ``model_config[RESUME_KEY]`` to that
+name, and the store goes back to the snapshot (weights, Adam moments and step counts of every expert) when
+the learner builds its module.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from torch import nn
 
 from aios_ray.config import StoreConfig
 from aios_ray.model.moe import MoEFeedForward
-from aios_ray.store.backend import ExpertBackend, StoreOpener, Workers, open_backend
+from aios_ray.store.backend import ExpertBackend, ResumePoint, StoreOpener, Workers, open_backend
 from aios_ray.store.control import LocalStore, StoreControl
 from aios_ray.store.record import ExpertLayout
 
 STORE_KEY = "store"  # model_config: the StoreConfig of the agent's experts
 IN_PROCESS_KEY = "store_in_process"  # model_config: tiers in the learner's process instead of Ray actors
+RESUME_KEY = "store_resume_snapshot"  # model_config: a resumed run's store goes back to this snapshot first
 KEEP_SNAPSHOTS = 2  # store snapshots kept at checkpoints (RL checkpoints flush the store under their name)
 
 
@@ -70,9 +76,11 @@ def open_agent_experts(module: Any, *, betas: tuple[float, float], eps: float) -
     config = store_config(getattr(module, "model_config", None))
     if not config.tiered or not hasattr(module, "moe_layers") or not module.moe_layers():
         return open_backend(module, StoreConfig(), _no_store, weight_decay=0.0, keep_checkpoints=0)
+    snapshot = module.model_config.get(RESUME_KEY)
+    resume = ResumePoint(resumed=True, snapshot=str(snapshot)) if snapshot else ResumePoint()
     backend = open_backend(AgentAsModel(module), config, _opener(module.model_config),  # type: ignore[arg-type]
                            weight_decay=0.0, keep_checkpoints=KEEP_SNAPSHOTS - 1, workers=_workers(),
-                           betas=betas, eps=eps)
+                           betas=betas, eps=eps, resume=resume)
     module.expert_reads = backend.evaluating  # state reads lease like an evaluation: no optimizer, nothing dirty
     return backend
 
