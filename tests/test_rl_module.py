@@ -129,6 +129,9 @@ def test_an_env_runner_synced_with_the_active_group_only_acts_like_the_learner()
     torch.testing.assert_close(actor.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS],
                                learner.forward_inference(batch)[Columns.ACTION_DIST_INPUTS])
     assert torch.equal(actor.moe_layers()[0].w_gate_up[groups[0]], before)  # game 0's experts were not sent
+    # What a sync of every expert would carry: the same module routing freely ships all of them.
+    free = build(groups=groups, routing="free")
+    assert learner.full_sync_nbytes(state_nbytes(group_state)) == state_nbytes(free.get_state(inference_only=True))
 
 
 def test_a_game_without_a_group_is_refused():

@@ -31,6 +31,9 @@ def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, cap
     assert [e["game"] for e in iterations] == (["synth0"] * 3 + ["synth1"] * 3) * 2  # 768 steps of 256 per phase
     assert iterations[-1]["phase_steps"] == 768 and iterations[-1]["env_steps_per_sec"] > 0
     assert all(e["learner_samples_per_sec"] > 0 for e in iterations)
+    # a weight sync carries a group (2 shared + 2 own of 6 experts, and their 4 ids): the 2 left out are
+    # 3 * 128 * 128 floats each
+    assert all(e["full_sync_bytes"] - e["sync_bytes"] == 2 * 3 * 128 * 128 * 4 - 4 * 8 for e in iterations)
     assert all(e["moe_lb_loss"] > 0 for e in iterations)  # the balance loss reached the learner
     switches = events(run_dir / "metrics.jsonl", "switch")
     assert [e["game"] for e in switches] == ["synth0", "synth1"] * 2

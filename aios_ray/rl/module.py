@@ -284,6 +284,17 @@ class MoEAgentModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             param.grad = None
         return dropped
 
+    def full_sync_nbytes(self, group_sync_nbytes: int) -> int:
+        """Bytes an env runner would receive if a sync carried every expert, from what a group-only sync carries:
+        the experts left out, in the module's float32 (3 * hidden * expert_hidden values each, per MoE layer),
+        less the list of expert ids (int64) a group-only sync carries."""
+        experts = self.active_experts()
+        if experts is None:
+            return group_sync_nbytes
+        left_out = (self.agent_config.num_experts - len(experts)) * len(self.moe_layers())
+        per_expert = 3 * self.agent_config.hidden * self.agent_config.expert_hidden * 4
+        return group_sync_nbytes + left_out * per_expert - len(experts) * 8
+
     def active_parameter_count(self) -> int:
         """Parameters one observation's forward pass uses: all but the experts the router did not pick."""
         total = sum(p.numel() for p in self.parameters())

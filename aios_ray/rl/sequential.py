@@ -104,7 +104,11 @@ def switch_game(algo: Any, cfg: RLConfig, phase: Phase) -> int:
 
     algo.env_runner_group.foreach_env_runner(remake)
     freeze_shared_everywhere(algo, cfg.freezes_shared and phase.index > 0)
-    return set_active_game_everywhere(algo, phase.game_index)
+    sync_bytes = set_active_game_everywhere(algo, phase.game_index)
+    full = _learner_module(algo).full_sync_nbytes(sync_bytes)
+    say(f"rl  env runners receive {sync_bytes / 1024:,.0f} KiB per weight sync: the active group's experts only "
+        f"(every expert: {full / 1024:,.0f} KiB)")
+    return sync_bytes
 
 
 def _local_learner(algo: Any) -> Any:
@@ -335,7 +339,8 @@ class SequentialRun:
             self.log.write("iteration", step=done, game=phase.game, phase=phase.index,
                            phase_steps=self.state.phase_steps, iteration=self.state.iteration,
                            episode_return_mean=episode_return, env_steps_per_sec=sps,
-                           learner_samples_per_sec=learner_sps, sync_bytes=sync_bytes, moe_lb_loss=lb_loss,
+                           learner_samples_per_sec=learner_sps, sync_bytes=sync_bytes,
+                           full_sync_bytes=_learner_module(algo).full_sync_nbytes(sync_bytes), moe_lb_loss=lb_loss,
                            **detector)
             self.gauges.update(phase.game, {"episode_return_mean": episode_return, "env_steps_per_sec": sps,
                                             "learner_samples_per_sec": learner_sps, "moe_lb_loss": lb_loss,
