@@ -70,7 +70,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dic
     run_dir = out / f"retention-{variant}-s{seed}"
     cfg = RLConfig(suite="minatar", games=args.games, steps_per_game=args.steps_per_game, dense=variant == "dense",
                    eval_episodes=args.eval_episodes, seed=seed, run_dir=str(run_dir),
-                   run_name=f"retention-{variant}-s{seed}")
+                   run_name=f"retention-{variant}-s{seed}",
+                   shared_training=args.moe_shared_training if variant == "moe" else "auto")
     experts = args.moe_experts if variant == "moe" else "local"
     from aios_ray.rl.sequential import run_sequential
 
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="parent of the run directories (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--moe-shared-training", choices=("auto", "always"), default="auto",
+                        help="the MoE's --shared-training ('always': the ablation that trains the encoder, shared "
+                             "experts and routers in every phase)")
     args = parser.parse_args()
     set_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -173,7 +177,7 @@ def main() -> None:
     print(f"workload: minatar {args.games}, {args.steps_per_game} env steps per game, one pass, seeds {seeds}, "
           f"{args.eval_episodes} eval episodes (actions sampled from the policy), "
           f"torch threads {args.threads or 'default'}, {args.jobs} run(s) at a time; "
-          f"moe experts {args.moe_experts}, dense experts local; "
+          f"moe experts {args.moe_experts} (shared training {args.moe_shared_training}), dense experts local; "
           f"run dirs under {out}")
     if args.moe_experts == "local":
         print("note: the MoE variant keeps its experts local (in the training process), not in the tiered store")
