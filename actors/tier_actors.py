@@ -25,9 +25,10 @@ from actors.nvme_store import create_nvme_store
 from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError, UserError
 from aios_ray.store.control import revert_counts
+from aios_ray.store.orphans import new_store_slab
 from aios_ray.store.policy import TierCounters
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import CudaSlab, HotSlab, Slab, open_shared_slab, slab_path
+from aios_ray.store.slab import CudaSlab, HotSlab, open_shared_slab, slab_path
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, Item, Record
 
@@ -134,11 +135,9 @@ class GpuCacheActor(_CacheActorBase):
         self.slab: HotSlab
         if config.device == "cuda":  # Ray made the GPU it assigned visible as device 0
             self.slab = CudaSlab.allocate(config.capacity_gpu, layout.numel, torch.device("cuda", 0))
-        else:
-            path = slab_path(config.namespace, actor_name(config, tier), str(config.path))
-            # A previous incarnation's file is unlinked, never truncated: a process still mapping it would fault.
-            path.unlink(missing_ok=True)
-            self.slab = Slab(path, config.capacity_gpu, layout.numel, create=True)
+        else:  # a previous incarnation's file is replaced, never truncated: a process still mapping it would fault
+            self.slab = new_store_slab(config.namespace, actor_name(config, tier), str(config.path),
+                                       config.capacity_gpu, layout.numel)
         self.tier = HotTier(self.slab, layout, DramActorTier(dram))
         self.metrics = TierMetrics("gpu")
 

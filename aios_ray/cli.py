@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--namespace", default="aios-ray", help="Ray namespace of the store (default: aios-ray)")
     stats.add_argument("--address", help="Ray cluster address for --name (default: auto)")
     stats.set_defaults(func=_cmd_store_stats)
+    gc = store_commands.add_parser("gc", help="remove hot-tier slabs in /dev/shm that no live process holds (left "
+                                   "by runs killed before their cleanup); never one a live process maps")
+    gc.add_argument("--dry-run", action="store_true", help="list the orphans with their sizes, remove nothing")
+    gc.add_argument("--store-path", help="only the slabs of this store (a run's expert_store directory)")
+    gc.set_defaults(func=_cmd_store_gc)
     return parser
 
 
@@ -192,6 +197,14 @@ def _cmd_store_stats(args: argparse.Namespace) -> int:
 
         stats = live_store_stats(config, args.address)
     print(format_table(stats))
+    return 0
+
+
+def _cmd_store_gc(args: argparse.Namespace) -> int:
+    from aios_ray.store.orphans import sweep
+    from aios_ray.store.report import format_sweep
+
+    print(format_sweep(sweep(args.store_path, remove=not args.dry_run), dry_run=args.dry_run))
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from actors.tier_actors import create_store
+from actors.tier_actors import create_store, shutdown_store
 from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError
 from aios_ray.model.hrm import HRMACTv1
@@ -27,6 +27,16 @@ def _config(tmp_path: Path, name: str, gpu: int = 12, dram: int = 6) -> StoreCon
 
 
 LAYOUT = ExpertLayout(CFG.hidden_size, CFG.ffn_size)
+
+
+@pytest.fixture
+def ended():
+    """``ended(config)``: the store is ended when the test ends, however it ends (its actors, and its hot slab's
+    file in /dev/shm, which would otherwise outlive the test)."""
+    configs: list[StoreConfig] = []
+    yield configs.append
+    for config in configs:
+        shutdown_store(config)
 
 
 def _train_steps(local, tiered, source, store, steps: int, first_seed: int = 0) -> None:
@@ -61,7 +71,8 @@ def _pair(store):
     return local, tiered, source
 
 
-def test_training_through_the_actors_equals_local_and_is_durable_after_flush(ray_local, tmp_path: Path):
+def test_training_through_the_actors_equals_local_and_is_durable_after_flush(ray_local, tmp_path: Path, ended):
+    ended(_config(tmp_path, "eq"))
     store = create_store(_config(tmp_path, "eq"), LAYOUT)
     local, tiered, source = _pair(store)
     _train_steps(local, tiered, source, store, steps=3)
@@ -108,7 +119,8 @@ def _checksums(store) -> dict[ExpertKey, str]:
 
 
 @pytest.mark.parametrize("victim", ["gpu", "dram", "nvme"])
-def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path: Path, victim: str):
+def test_killing_a_tier_actor_loses_nothing_that_was_flushed(ray_local, tmp_path: Path, victim: str, ended):
+    ended(_config(tmp_path, f"kill-{victim}"))
     store = create_store(_config(tmp_path, f"kill-{victim}"), LAYOUT)
     local, tiered, source = _pair(store)
     _train_steps(local, tiered, source, store, steps=2)

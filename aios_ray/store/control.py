@@ -16,8 +16,9 @@ import torch
 
 from aios_ray.config import StoreConfig
 from aios_ray.store.nvme import NvmeStore
+from aios_ray.store.orphans import new_store_slab
 from aios_ray.store.record import ExpertKey, ExpertLayout
-from aios_ray.store.slab import CudaSlab, HotSlab, Slab, slab_path
+from aios_ray.store.slab import CudaSlab, HotSlab
 from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, Item, NvmeAsLower
 
@@ -54,8 +55,8 @@ class LocalStore:
         self.dram = DramTier(config.capacity_dram * layout.nbytes, layout, NvmeAsLower(self.nvme))
         self.slab: HotSlab = (CudaSlab.allocate(config.capacity_gpu, layout.numel, torch.device(config.device))
                               if config.device.startswith("cuda")
-                              else Slab(slab_path("local", str(config.name), str(root)), config.capacity_gpu,
-                                        layout.numel, create=True))
+                              else new_store_slab("local", str(config.name), str(root), config.capacity_gpu,
+                                                  layout.numel))
         self.hot = HotTier(self.slab, layout, self.dram)
 
     def experts_client(self) -> TieredExperts:
@@ -97,4 +98,6 @@ class LocalStore:
         return [self.hot.stats(), self.dram.stats()]
 
     def close(self) -> None:
+        """The hot slab's file goes (it is RAM in /dev/shm); what was flushed stays on NVMe. Whoever opened
+        the store calls this when its run ends, however it ends."""
         self.slab.unlink()

@@ -1,6 +1,6 @@
 """``aios-ray store stats``: per-tier occupancy, hit rates and bytes moved of a finished store (read from its
 directory) and the table for any store; a running store's counters come from its actors
-(``actors.tier_actors.live_store_stats``)."""
+(``actors.tier_actors.live_store_stats``). ``aios-ray store gc``: what an orphan sweep found."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from aios_ray.config import StoreConfig
 from aios_ray.errors import DataError
 from aios_ray.store.nvme import SNAPSHOTS
+from aios_ray.store.orphans import SlabFile
 
 COLUMNS = ("tier", "entries", "used_MB", "hits", "misses", "hit_rate", "pf_issued", "pf_used", "pf_wasted", "streamed",
            "evictions", "MB_in", "MB_out", "stall_s")
@@ -55,3 +56,25 @@ def format_table(stats: dict[str, Any]) -> str:
         extra += (f"\nsnapshots (the checkpoints a resume can return the store to): "
                   f"{', '.join(stats['snapshots']) or 'none'}")
     return "\n".join([*lines, extra.lstrip()] if extra else lines)
+
+
+def format_sweep(found: list[SlabFile], dry_run: bool) -> str:
+    """One line per orphaned slab (its file size and the RAM it takes), then a total; live ones are counted."""
+    orphans = [s for s in found if s.orphan]
+    gone = orphans if dry_run else [s for s in orphans if s.removed]
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {s.path}  {_size(s.size)} file, {_size(s.resident)} of RAM" for s in gone]
+    lines += [f"could not remove {s.path} (another user's, or replaced meanwhile)" for s in orphans if s not in gone]
+    live = [s for s in found if not s.orphan]
+    pids = ", ".join(str(pid) for pid in sorted({pid for s in live for pid in s.holders if pid > 0}))
+    lines.append(f"{verb} {len(gone)} orphaned slab(s), {_size(sum(s.resident for s in gone))} of RAM; "
+                 f"{len(live)} in use left alone" + (f" (held by pid {pids})" if pids else ""))
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    """A slab is anything from a test's few kB to a real hot tier's tens of GB."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} kB"

@@ -10,14 +10,20 @@ Two kinds, one interface (``row``, ``read``, ``write``, ``share``, ``unlink``):
   two small functions ``export_cuda_ipc`` / ``import_cuda_ipc`` are GPU-specific.
 
 ``share()`` describes a slab so that another process can map it with ``open_shared_slab``.
+
+A ``Slab`` file is RAM for as long as it exists, whoever made it. Every process that maps one also holds a shared
+``flock`` on it, which the kernel drops however the process ends (``kill -9`` and the OOM killer included): a
+slab file that nobody holds nor maps is an orphan, and ``aios_ray.store.orphans`` reclaims it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +35,19 @@ from aios_ray.errors import UserError
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
+SLAB_PREFIX, SLAB_SUFFIX = "aios-ray-", ".slab"
+
+
+def store_digest(store_root: str) -> str:
+    """What every slab file of the store at ``store_root`` ends with (before ``.slab``)."""
+    return hashlib.sha1(str(Path(store_root).resolve()).encode()).hexdigest()[:12]
+
+
 def slab_path(namespace: str, name: str, store_root: str) -> Path:
     """One slab file per store: the store's directory is part of the name, so two stores that share a
     brain name (two runs, two test sessions) never map each other's slots."""
-    digest = hashlib.sha1(str(Path(store_root).resolve()).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{namespace}-{name}")
-    return SHM_DIR / f"aios-ray-{safe}-{digest}.slab"
+    return SHM_DIR / f"{SLAB_PREFIX}{safe}-{store_digest(store_root)}{SLAB_SUFFIX}"
 
 
 class _Rows:
@@ -60,25 +73,69 @@ class _Rows:
 
 
 class Slab(_Rows):
-    """``num_slots`` rows of ``numel`` fp32 values in a shared, file-backed mapping."""
+    """``num_slots`` rows of ``numel`` fp32 values in a shared, file-backed mapping, held (``flock``) by this
+    process while the object lives."""
 
     def __init__(self, path: Path, num_slots: int, numel: int, create: bool) -> None:
         self.path, self.num_slots, self.numel = Path(path), num_slots, numel
         size = num_slots * numel
         if create:
-            with open(self.path, "wb") as f:
-                f.truncate(size * 4)  # sparse until written: creating a large slab is instant
-        elif not self.path.is_file() or self.path.stat().st_size != size * 4:
-            raise FileNotFoundError(f"{self.path}: no slab of {num_slots} x {numel} floats to map")
-        mapped = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.float32)
+            self._fd, mapped = _create_held(self.path, size)
+        else:
+            self._fd = _open_held(self.path, size * 4, f"no slab of {num_slots} x {numel} floats to map")
+            mapped = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.float32)
+        self._identity = _identity(os.fstat(self._fd))
+        # The lock goes when the object does (a re-mapped slab's old object is dropped, not closed).
+        self._release = weakref.finalize(self, os.close, self._fd)
         self.tensor = mapped.view(num_slots, numel)
 
     def share(self) -> dict[str, Any]:
         return {"kind": "shm", "path": str(self.path), "num_slots": self.num_slots, "numel": self.numel}
 
     def unlink(self) -> None:
+        """Remove the file, if the name still is this slab's: a slab created under the same name since (another
+        incarnation, another run of the store) belongs to someone else. Memory still mapped stays valid."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if _identity(os.stat(self.path)) == self._identity:
+                os.unlink(self.path)
+        self._release()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _create_held(path: Path, size: int) -> tuple[int, torch.Tensor]:
+    """A new slab file at ``path`` that is already held and mapped when it appears there: it is made under a
+    hidden temporary name (which no orphan sweep looks at) and renamed into place. A file that was at ``path``
+    is replaced, never truncated: a process still mapping it keeps valid memory until it unmaps."""
+    building = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(building, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.ftruncate(fd, size * 4)  # sparse until written: creating a large slab is instant
+        mapped = torch.from_file(str(building), shared=True, size=size, dtype=torch.float32)
+        os.rename(building, path)
+    except BaseException:
+        os.close(fd)
+        building.unlink(missing_ok=True)
+        raise
+    return fd, mapped
+
+
+def _open_held(path: Path, nbytes: int, what: str) -> int:
+    """Open and hold an existing slab file of ``nbytes``. The shared lock waits while an orphan sweep decides on
+    this file; a file the sweep removed meanwhile (no links left) is not there to map."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what}") from None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    stat = os.fstat(fd)
+    if stat.st_nlink == 0 or stat.st_size != nbytes:
+        os.close(fd)
+        raise FileNotFoundError(f"{path}: {what}")
+    return fd
 
 
 class CudaSlab(_Rows):

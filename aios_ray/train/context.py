@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from aios_ray.config import StoreConfig
-from aios_ray.store.control import StoreControl
+from aios_ray.store.control import LocalStore, StoreControl
 from aios_ray.store.record import ExpertLayout
 
 
@@ -30,12 +30,21 @@ class WorkerContext(Protocol):
 
 
 class LocalContext:
-    """A single process without Ray (tests, --no-ray)."""
+    """A single process without Ray (tests, --no-ray). Use it as a context manager: the stores it opened are
+    closed when the block ends, however it ends (their hot slab is a /dev/shm file, RAM until removed)."""
 
     rank, world_size = 0, 1
 
     def __init__(self, use_gpu: bool = False) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.stores: list[LocalStore] = []
+
+    def __enter__(self) -> LocalContext:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        while self.stores:
+            self.stores.pop().close()
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -55,6 +64,5 @@ class LocalContext:
 
     def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> StoreControl:
         """Without Ray the same tier classes run in this process."""
-        from aios_ray.store.control import LocalStore
-
-        return LocalStore(config, layout)
+        self.stores.append(LocalStore(config, layout))
+        return self.stores[-1]

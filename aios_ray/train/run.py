@@ -22,7 +22,8 @@ def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
 
 def run_plan(plan: RunPlan, data: TrainData) -> dict[str, Any]:
     if not plan.config.cluster.use_ray:
-        return train_worker(plan, data, LocalContext(plan.config.cluster.use_gpu))
+        with LocalContext(plan.config.cluster.use_gpu) as ctx:  # closes the in-process store, however it ends
+            return train_worker(plan, data, ctx)
     from aios_ray.train.ray_train import fit_on_ray  # Ray is imported only when it is used
 
     return fit_on_ray(plan, data)
