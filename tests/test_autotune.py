@@ -117,3 +117,47 @@ def test_a_study_resumed_by_name_and_storage_runs_only_the_missing_trials(ray_lo
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     # the same name in the same storage with another search space is refused
     assert main(sweep_args(out, corpus, "--trials", "4", *flags[:-2], "--batch-choices", "2,4")) == 2
+
+
+CLUSTER_SWEEP = """
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+
+from aios_ray.cli import main
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+try:
+    code = main(sys.argv[1:] + ["--address", cluster.address])
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+print(json.dumps({"code": code, "nodes": nodes}))
+"""
+
+
+@pytest.mark.ray
+def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path: Path, corpus):
+    """Two nodes of one CPU each (``ray.cluster_utils.Cluster``, in a process of its own: the suite's Ray stays up)
+    and two trials of one CPU at a time: one trial runs on each node."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "opt"
+    args = sweep_args(out, corpus, "--trials", "2", "--batch-choices", "2")
+    done = subprocess.run([sys.executable, "-c", CLUSTER_SWEEP, *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0 and len(report["nodes"]) == 2
+    (log,) = out.glob("autotune_*.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["state"] for r in records] == ["complete", "complete"]
+    assert sorted(r["node_id"] for r in records) == report["nodes"]  # one trial on each node

@@ -153,8 +153,11 @@ class Autotune:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        sampler = (optuna.samplers.TPESampler(seed=self.cfg.seed) if self.cfg.sampler == "tpe"
-                   else optuna.samplers.RandomSampler(seed=self.cfg.seed))
+        # TPE samples at random for its first n_startup_trials (Optuna's default 10): a sweep of 10 would never
+        # be guided. A third of the study (2..10) explores at random, the rest follows the model.
+        startup = min(10, max(2, self.cfg.trials // 3))
+        sampler = (optuna.samplers.TPESampler(seed=self.cfg.seed, n_startup_trials=startup)
+                   if self.cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=self.cfg.seed))
         return OptunaSearch(space=self._define_by_run, metric=self.cfg.metric, mode=self.cfg.mode, sampler=sampler,
                             study_name=self.study_name, storage=storage)
 
@@ -164,7 +167,9 @@ class Autotune:
     def _scheduler(self, steps: int) -> Any:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
-        grace = int(self.base["train"]["eval_interval"])  # no trial stops before its first evaluation
+        # No trial stops before its first evaluation, nor before a quarter of its steps: until then a trial's
+        # loss says more about its warm-up than about where it will end.
+        grace = max(int(self.base["train"]["eval_interval"]), steps // 4)
         if self.cfg.pruner == "median":
             return MedianStoppingRule(time_attr="step", metric=self.cfg.metric, mode=self.cfg.mode,
                                       grace_period=grace, min_samples_required=2)
@@ -240,6 +245,7 @@ def trial_record(result: Any, metric: str, steps: int) -> dict[str, Any]:
     return {"trial_id": metrics.get("trial_id") or Path(str(result.path)).name, "state": state, "params": params,
             "metric": metric, "value": metrics.get(metric), "step": step, "eval_loss": metrics.get("eval_loss"),
             "train_loss": metrics.get("train_loss"), "duration_s": metrics.get("time_total_s"),
+            "ended_at": metrics.get("timestamp"),
             "node_id": metrics.get("node_id"), "error": error}
 
 
