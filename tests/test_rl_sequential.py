@@ -54,6 +54,7 @@ def test_two_game_run_writes_the_retention_matrix(ray_local, tmp_path: Path, cap
 
     (layer,) = specialisation(phase_ends[-1]["expert_counts"]).values()
     assert layer["mi"] > 0.3 and layer["mi"] > 10 * layer["random_mi"], layer
+    assert phase_ends[-1]["specialisation"] == {"0": {"mi": layer["mi"], "random_mi": layer["random_mi"]}}
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -37,6 +37,7 @@ from aios_ray.rl.checkpoint import ScheduleState, latest_checkpoint, load_checkp
 from aios_ray.rl.config import RLConfig, rl_config_from_dict
 from aios_ray.rl.detector import DetectorTrainer, EnvironmentDetector, SwitchWatch
 from aios_ray.rl.envs import make_env, register_rllib_env, suite_spaces, validate_games
+from aios_ray.rl.metrics import specialisation
 from aios_ray.rl.module import MoEAgentModule, expert_groups, freeze_shared_everywhere, set_active_game_everywhere
 from aios_ray.rl.tiered import RESUME_KEY, STORE_KEY
 from aios_ray.tracking.jsonl import MetricsLog, format_seconds, say
@@ -212,6 +213,17 @@ class RunGauges:
             if name in self.gauges and value is not None:
                 self.gauges[name].set(float(value), tags={"game": game})
 
+    def update_specialisation(self, scores: dict[str, dict[str, float]]) -> None:
+        """Per MoE layer: the game/expert mutual information and the random-router control, in bits."""
+        if not hasattr(self, "mi"):
+            from ray.util.metrics import Gauge
+
+            self.mi = {key: Gauge(f"aios_rl_expert_{key}", description=f"sequential RL: game/expert {key} (bits)",
+                                  tag_keys=("layer",)) for key in ("mi", "random_mi")}
+        for layer, values in scores.items():
+            for key, gauge in self.mi.items():
+                gauge.set(float(values[key]), tags={"layer": str(layer)})
+
 
 class SequentialRun:
     def __init__(self, cfg: RLConfig, store: StoreConfig | None = None, resume: bool = False) -> None:
@@ -378,10 +390,14 @@ class SequentialRun:
         module.set_active_game(phase.game_index)  # back to the game being trained
         self.state.retention.append(row)
         self.state.detected_after = list(self.switch_watch.detected_after)
+        # Expert specialisation: the mutual information between game and chosen expert, beside a random router's.
+        scores = {layer: {k: v[k] for k in ("mi", "random_mi")}
+                  for layer, v in specialisation(expert_counts).items()} if expert_counts else {}
         self.log.write("phase_end", step=(phase.index + 1) * self.cfg.steps_per_game, game=phase.game,
                        phase=phase.index, returns=dict(zip(self.games, row, strict=True)),
                        detector_right=dict(zip(self.games, right, strict=True)), expert_counts=expert_counts,
-                       detector_frames_to_detect=list(self.switch_watch.detected_after))
+                       specialisation=scores, detector_frames_to_detect=list(self.switch_watch.detected_after))
+        self.gauges.update_specialisation(scores)
         self._log_store_stats(algo, phase)
         say(f"rl  after phase {phase.index + 1} ({phase.game}): " + ", ".join(
             f"{g} {r:.2f}" for g, r in zip(self.games, row, strict=True)))
