@@ -12,7 +12,10 @@ from typing import Any
 
 from aios_ray.config import SECTIONS, Config, StoreConfig, build_section, load_yaml_config, merge
 from aios_ray.errors import UserError
+from aios_ray.flow.settings import FlowSettings
 from aios_ray.rl.config import RLConfig
+from aios_ray.tune.settings import AutotuneConfig
+from aios_ray.tune.space import SearchSpace
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     rl_compare.add_argument("run_b", metavar="RUN_B", help="directory of the second run")
     rl_compare.set_defaults(func=_cmd_rl_compare)
 
+    autotune = commands.add_parser("autotune", help="hyper-parameter sweep on Ray Tune + Optuna; every trial trains "
+                                   "like `aios-ray train`")
+    autotune.add_argument("--config", metavar="NAME_OR_YAML", help="the base preset or YAML file of every trial")
+    autotune.add_argument("--dataset-file", help="training text (default: the shipped sample corpus)")
+    autotune.add_argument("--eval-file", help="held-out text the metric is measured on")
+    autotune.add_argument("--eval-batches", type=int, help="batches per evaluation (default: the base config's)")
+    autotune.add_argument("--train-args", default="", metavar='"FLAGS"',
+                          help='more `aios-ray train` flags for every trial, e.g. "--steps 60 --hidden-size 64"')
+    _add_config_flags(autotune, {"autotune": AutotuneConfig, "space": SearchSpace})
+    autotune.set_defaults(func=_cmd_autotune)
+
+    flow = commands.add_parser("flow", help="pipelines of Ray tasks whose steps are cached by content hash")
+    flow_commands = flow.add_subparsers(dest="flow_command", required=True, parser_class=OneLineParser)
+    hrm_train = flow_commands.add_parser("hrm-train", help="prepare -> train -> evaluate -> package (bundle + "
+                                         "MODEL_CARD.md); a re-run resumes at the first step not done",
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_flags(hrm_train, {"flow": FlowSettings})
+    hrm_train.add_argument("--train-args", default="", metavar='"FLAGS"',
+                           help='`aios-ray train` flags of the train step, e.g. "--config debug --steps 60"')
+    hrm_train.add_argument("--autotune", action="store_true",
+                           help="run an `aios-ray autotune` sweep before train and train with its best trial")
+    hrm_train.add_argument("--autotune-args", metavar='"FLAGS"',
+                           help='`aios-ray autotune` flags of the sweep, e.g. "--trials 20 --pruner none"')
+    hrm_train.set_defaults(func=_cmd_flow_hrm_train)
+
     store = commands.add_parser("store", help="the tiered expert store")
     store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=OneLineParser)
     stats = store_commands.add_parser("stats", help="per-tier occupancy, hit rates and bytes moved")
@@ -128,6 +156,89 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"brain bundle: {plan.bundle_root}")
     print(f"metrics:      {plan.log_file}")
     return 0
+
+
+def _cmd_autotune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from aios_ray.tune.autotune import run_autotune
+
+    sections = _sections(args)
+    cfg = build_section(AutotuneConfig, sections.get("autotune", {}), "flags")
+    space = build_section(SearchSpace, sections.get("space", {}), "flags")
+    train_argv = ["train", *(["--config", args.config] if args.config else []), *shlex.split(args.train_args)]
+    for flag, value in (("--dataset-file", args.dataset_file), ("--eval-file", args.eval_file),
+                        ("--eval-batches", args.eval_batches)):
+        if value is not None:
+            train_argv += [flag, str(value)]
+    base = config_from_args(build_parser().parse_args(train_argv))
+    summary = run_autotune(cfg, space, base)
+    print(f"trials log:   {summary['trials_log']}")
+    if "best_trial" in summary:
+        print(f"best trial:   {summary['best_trial']} ({cfg.metric} {summary['best_value']:.4f})")
+        for name, path in summary.get("plots", {}).items():
+            print(f"{name + ' plot:':<13} {path}")
+    trials = summary["trials"]
+    if trials and summary["failed"] == len(trials):
+        print(f"aios-ray: every trial of this sweep failed (first: {trials[0]['error']})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_flow_hrm_train(args: argparse.Namespace) -> int:
+    from aios_ray.flow.hrm_train import FlowFailed, run_hrm_train
+
+    settings = build_section(FlowSettings, _sections(args).get("flow", {}), "flags")
+    base = config_from_args(build_parser().parse_args(["train", *_split_flags("--train-args", args.train_args)]))
+    try:
+        summary = run_hrm_train(settings, base, _flow_autotune(args))
+    except FlowFailed as exc:
+        print(f"aios-ray: {exc}", file=sys.stderr)
+        return 1
+    print(f"brain bundle: {summary['bundle']}")
+    print(f"model card:   {summary['model_card']}")
+    print(f"eval_loss={summary['eval_loss']:.4f} ppl={summary['ppl']:.2f}")
+    return 0
+
+
+def _flow_autotune(args: argparse.Namespace) -> tuple[AutotuneConfig, SearchSpace] | None:
+    """The sweep's settings from --autotune-args, read as `aios-ray autotune` reads its flags; the data, base
+    config, outputs and cluster are the flow's own."""
+    if not args.autotune:
+        if args.autotune_args is not None:
+            raise UserError("--autotune-args needs --autotune")
+        return None
+    tune_args = build_parser().parse_args(["autotune", *_split_flags("--autotune-args", args.autotune_args or "")])
+    sections = _sections(tune_args)
+    taken = [flag for flag, given in (("--config", tune_args.config), ("--dataset-file", tune_args.dataset_file),
+                                      ("--eval-file", tune_args.eval_file), ("--train-args", tune_args.train_args),
+                                      ("--eval-batches", tune_args.eval_batches),
+                                      ("--out-dir", "out_dir" in sections.get("autotune", {})),
+                                      ("--address", "address" in sections.get("autotune", {}))) if given]
+    if taken:
+        raise UserError(f"--autotune-args {taken[0]}: the flow sets it (data and base config from the flow's "
+                        f"flags and --train-args, outputs in its autotune step)")
+    return (build_section(AutotuneConfig, sections.get("autotune", {}), "--autotune-args"),
+            build_section(SearchSpace, sections.get("space", {}), "--autotune-args"))
+
+
+def _split_flags(flag: str, text: str) -> list[str]:
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UserError(f"{flag} {text!r}: {exc}") from None
+
+
+def _sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Flag values by section (flags whose dest is 'section.name')."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
 
 
 def _cmd_rl_sequential(args: argparse.Namespace) -> int:

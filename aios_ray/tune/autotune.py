@@ -171,8 +171,10 @@ class Autotune:
         # loss says more about its warm-up than about where it will end.
         grace = max(int(self.base["train"]["eval_interval"]), steps // 4)
         if self.cfg.pruner == "median":
+            # min_time_slice=inf: the rule would otherwise pause a trial while too few others have results, and a
+            # paused trial (no Tune checkpoint) restarts from scratch into a bundle that already exists.
             return MedianStoppingRule(time_attr="step", metric=self.cfg.metric, mode=self.cfg.mode,
-                                      grace_period=grace, min_samples_required=2)
+                                      grace_period=grace, min_samples_required=2, min_time_slice=math.inf)
         if self.cfg.pruner == "successive_halving":
             return ASHAScheduler(time_attr="step", metric=self.cfg.metric, mode=self.cfg.mode, max_t=steps,
                                  grace_period=grace, reduction_factor=2)
