@@ -80,6 +80,24 @@ def _train(tmp_path: Path, *flags: str) -> int:
                  *flags])
 
 
+def _start_training(tmp_path: Path, corpus: Path, bundle: Path, *flags: str,
+                    new_session: bool = False) -> subprocess.Popen:
+    """`aios-ray train --iterate` with tiered experts on ``corpus`` into ``bundle``, output in out.txt."""
+    with (tmp_path / "out.txt").open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "aios_ray", "train", "--config", "debug", *flags,
+                                 "--experts", "tiered", "--dataset-file", str(corpus), "--tokenizer-vocab-size", "300",
+                                 "--bundle-dir", str(bundle.parent), "--brain-name", bundle.name, "--iterate"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def _wait_for_a_step(proc: subprocess.Popen, bundle: Path, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 300  # a guard against a hung run, not a speed requirement
+    while not (bundle / "metrics.jsonl").is_file() or not events(bundle / "metrics.jsonl", "train"):
+        assert proc.poll() is None, (tmp_path / "out.txt").read_text()
+        assert time.monotonic() < deadline, "the run never trained a step"
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def made_slabs(monkeypatch) -> list[Path]:
     """The slab files the in-process store creates (each existed, mapped, while its run trained)."""
@@ -121,17 +139,9 @@ def test_ctrl_c_ends_a_run_with_its_slab_removed(tmp_path: Path):
     corpus.write_bytes(SAMPLE.read_bytes()[:20000])
     bundle = tmp_path / "brains" / "shm"
     slab = slab_path("local", "shm", str(bundle / "expert_store"))
-    with (tmp_path / "out.txt").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "aios_ray", "train", "--config", "debug", "--no-ray",
-                                 "--experts", "tiered", "--dataset-file", str(corpus), "--tokenizer-vocab-size", "300",
-                                 "--bundle-dir", str(bundle.parent), "--brain-name", "shm", "--iterate"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = _start_training(tmp_path, corpus, bundle, "--no-ray")
     try:
-        deadline = time.monotonic() + 300  # a guard against a hung run, not a speed requirement
-        while not (bundle / "metrics.jsonl").is_file() or not events(bundle / "metrics.jsonl", "train"):
-            assert proc.poll() is None, (tmp_path / "out.txt").read_text()
-            assert time.monotonic() < deadline, "the run never trained a step"
-            time.sleep(0.2)
+        _wait_for_a_step(proc, bundle, tmp_path)
         assert slab.is_file()  # training: the slab is there
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 130, (tmp_path / "out.txt").read_text()
@@ -251,17 +261,9 @@ def test_ctrl_c_ends_a_ray_run_with_its_slab_removed(tmp_path: Path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(SAMPLE.read_bytes()[:20000])
     bundle = tmp_path / "brains" / "shm"
-    with (tmp_path / "out.txt").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "aios_ray", "train", "--config", "debug", "--experts", "tiered",
-                                 "--dataset-file", str(corpus), "--tokenizer-vocab-size", "300", "--bundle-dir",
-                                 str(bundle.parent), "--brain-name", "shm", "--iterate"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start_training(tmp_path, corpus, bundle, new_session=True)  # the run and the local Ray it starts
     try:
-        deadline = time.monotonic() + 300  # a guard against a hung run, not a speed requirement
-        while not (bundle / "metrics.jsonl").is_file() or not events(bundle / "metrics.jsonl", "train"):
-            assert proc.poll() is None, (tmp_path / "out.txt").read_text()
-            assert time.monotonic() < deadline, "the run never trained a step"
-            time.sleep(0.5)
+        _wait_for_a_step(proc, bundle, tmp_path)
         assert slab_files(str(bundle / "expert_store"))  # training: the GPU cache actor's slab is there
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(180)
