@@ -273,3 +273,23 @@ def test_ctrl_c_ends_a_ray_run_with_its_slab_removed(tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         sweep(str(bundle / "expert_store"))
+
+
+@pytest.mark.slow  # ~55 s: two Ray Train runs, the failing one retried once
+@pytest.mark.ray
+def test_a_ray_run_that_fails_on_a_user_error_removes_its_slab(ray_local, tmp_path: Path, capsys):
+    """On Ray the slab belongs to the store's cache actor: a run that fails once the store is up ends it too."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(SAMPLE.read_bytes()[:20000])
+    bundle = tmp_path / "brains" / "shm-ray"
+    args = ["train", "--config", "debug", "--experts", "tiered", "--dataset-file", str(corpus),
+            "--tokenizer-vocab-size", "300", "--bundle-dir", str(bundle.parent), "--brain-name", bundle.name,
+            "--steps", "2"]
+    assert main(args) == 0
+    store = bundle / "expert_store"
+    assert slab_files(str(store)) == []
+    (store / "snapshots" / "step_00000002.json").unlink()  # the checkpoint's store state is lost
+    capsys.readouterr()
+    assert main([*args, "--model", str(bundle)]) == 2
+    assert "no snapshot 'step_00000002'" in capsys.readouterr().err
+    assert slab_files(str(store)) == []
