@@ -83,9 +83,14 @@ def ray_head() -> Iterator[tuple[str, Path]]:
         "RAY_AUTH_MODE": "disabled",
         # On SIGTERM the head would otherwise wait up to 30 s for a drain nobody needs here.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Processes of this head that look their cluster up with address "auto" (Ray Train's placement group
+        # cleaner does) would otherwise find every Ray on the machine and fail with "multiple active Ray
+        # instances"; `ray start` itself does not read this variable.
+        "RAY_ADDRESS": f"127.0.0.1:{gcs}",
     })
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
            # Both default to fixed ports (10001, 52365) that another Ray on the machine may hold.
            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
            "--num-cpus", "2", "--object-store-memory", str(100 * 1024**2), "--temp-dir", str(tmp / "ray")]
@@ -154,6 +159,7 @@ def test_ray_job_submit_trains_a_bundle(ray_head: tuple[str, Path]):
     info = client.get_job_info(submission_id)
     assert info.runtime_env["working_dir"].startswith("gcs://")
     assert "done: step 4" in logs
+    assert "multiple active Ray instances" not in logs
 
     bundle = bundle_dir / "jobtest"
     for name in ("metadata.json", "model.safetensors", "metrics.jsonl", "config.json", "tokenizer.json"):
