@@ -111,7 +111,7 @@ class DramCacheActor(_CacheActorBase):
         self.config, self.layout = config, layout
         self.tier = DramTier(config.capacity_dram * layout.nbytes, layout, NvmeActorTier(nvme))
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dram-prefetch")
-        self.metrics = TierMetrics("dram")
+        self.metrics = TierMetrics("dram", config.name or "")
 
     def get_many(self, keys: Sequence[ExpertKey], for_prefetch: bool = False) -> list[tuple[np.ndarray, int]]:
         return self.tier.get_many(keys, for_prefetch)
@@ -139,7 +139,7 @@ class GpuCacheActor(_CacheActorBase):
             self.slab = new_store_slab(config.namespace, actor_name(config, tier), str(config.path),
                                        config.capacity_gpu, layout.numel)
         self.tier = HotTier(self.slab, layout, DramActorTier(dram))
-        self.metrics = TierMetrics("gpu")
+        self.metrics = TierMetrics("gpu", config.name or "")
 
     def slab_info(self) -> dict[str, Any]:
         """What a training process needs to map the slots (``open_shared_slab``)."""
@@ -175,14 +175,15 @@ GAUGES = (*(f.name for f in dataclasses.fields(TierCounters)), "hit_rate", "used
 
 
 class TierMetrics:
-    """The tier's counters as Ray metrics (``ray_aios_store_*`` on the dashboard's metrics port)."""
+    """The tier's counters as Ray metrics (``ray_aios_store_*`` on the dashboard's metrics port), tagged with the
+    tier and the run: the store's name, which is the brain name unless --store-name says otherwise."""
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self, tier: str, run: str) -> None:
         from ray.util.metrics import Gauge
 
-        self.tier = tier
+        self.tier, self.run = tier, run
         self.gauges = {name: Gauge(f"aios_store_{name}", description=f"tiered expert store: {name}",
-                                   tag_keys=("tier",))
+                                   tag_keys=("tier", "run"))
                        for name in GAUGES}
         self.lock = threading.Lock()
 
@@ -190,7 +191,7 @@ class TierMetrics:
         with self.lock:
             for name, gauge in self.gauges.items():
                 if name in stats:
-                    gauge.set(float(stats[name]), tags={"tier": self.tier})
+                    gauge.set(float(stats[name]), tags={"tier": self.tier, "run": self.run})
 
 
 @dataclass

@@ -216,6 +216,8 @@ class ClusterConfig:
                          flag="--ray")
     storage_path: str | None = _opt(None, "Ray Train storage for reported checkpoints; default: "
                                           "<bundle>/ray_results")
+    verbose: bool = _opt(False, "show Ray Train's own lines on the console (its resource requests, the "
+                                "TrainingReport of every report, checkpoint paths); the progress lines show always")
 
     def __post_init__(self) -> None:
         _positive("num_workers", self.num_workers)

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,8 +16,9 @@ from aios_ray.durable import atomic_write_bytes
 class MetricsLog:
     """Appends one JSON object per line; each line is flushed so a crash loses at most one line."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.path = path
+        self.publish = publish  # also hands every record to e.g. the Ray metrics gauges
         self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +30,8 @@ class MetricsLog:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self._file.flush()
+        if self.publish is not None:
+            self.publish(event, fields)
 
     def rewind(self, step: int) -> tuple[int, int]:
         """Drop every line about a step after ``step`` (those steps are about to run again), so that the log

@@ -79,7 +79,7 @@ class Trainer:
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches
                           else [])
         self.metadata = dict(plan.metadata)
-        self.log = MetricsLog(Path(plan.log_file) if self.is_chief else None)
+        self.log = MetricsLog(Path(plan.log_file), publish=ctx.publish) if self.is_chief else MetricsLog(None)
         if self.resumed:
             self._rewind_log(source, "resumed from a checkpoint")
         self.usage = RoutingLog()

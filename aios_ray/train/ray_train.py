@@ -6,6 +6,7 @@ Labelled as in Ray's own examples: prepare (device, DDP wrap), report (+ checkpo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
@@ -25,16 +26,19 @@ from aios_ray.config import Config, StoreConfig
 from aios_ray.errors import UserError
 from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import say
+from aios_ray.train.gauges import TrainGauges
 from aios_ray.train.loop import train_worker
 from aios_ray.train.plan import RunPlan, TrainData
 
 
 class RayTrainContext:
-    def __init__(self) -> None:
+    def __init__(self, run: str) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()  # prepare: the worker's device
+        self.run = run
+        self.gauges: TrainGauges | None = None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         # prepare: DDP only when there is more than one worker; the model is already on its device.
@@ -46,6 +50,12 @@ class RayTrainContext:
         # report: a barrier across workers; only rank 0 attaches the checkpoint directory.
         plain = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray.train.report(plain, checkpoint=Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+    def publish(self, event: str, fields: dict[str, Any]) -> None:
+        # Created on first use: only the chief publishes, and a gauge needs a connected Ray worker.
+        if self.gauges is None:
+            self.gauges = TrainGauges(self.run)
+        self.gauges.publish(event, fields)
 
     def any_rank(self, flag: bool) -> bool:
         if self.world_size == 1 or not dist.is_initialized():
@@ -83,8 +93,29 @@ class RayTrainContext:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     plan: RunPlan = config["plan"]
+    if not plan.config.cluster.verbose:
+        _quiet_report_lines()
     data: TrainData = ray.get(config["data"])
-    train_worker(plan, data, RayTrainContext())
+    train_worker(plan, data, RayTrainContext(plan.config.train.brain_name))
+
+
+# Ray Train's per-report line ("Reporting training result N: TrainingReport(...)") comes from a logger named
+# after its module's file path, not "ray.train.*", so RunConfig's LoggingConfig level does not reach it.
+_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def _quiet_report_lines() -> None:
+    import importlib
+
+    logger = getattr(importlib.import_module(_REPORT_LOGGER_MODULE), "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
+
+
+def ray_train_logging(cfg: Config) -> LoggingConfig:
+    """Ray Train's INFO lines (resource requests, worker group start, checkpoint paths) only with --verbose;
+    its warnings and errors always."""
+    return LoggingConfig(log_level="INFO" if cfg.cluster.verbose else "WARNING")
 
 
 def ensure_ray(address: str | None) -> None:
@@ -127,6 +158,7 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            logging_config=ray_train_logging(cfg),
         ),
     )
     try:
