@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,11 +225,43 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The optional Weights & Biases mirror of the metrics log (the JSONL stays the source of truth).
+    Unset names fall back to ``AIOS_WANDB_PROJECT`` / ``AIOS_WANDB_ENTITY``, the mode to ``WANDB_MODE``."""
+
+    wandb: bool = _opt(False, "mirror metrics, the redacted config and the artifacts to Weights & Biases "
+                              "(rank 0 only)")
+    wandb_project: str | None = _opt(None, "W&B project; default: $AIOS_WANDB_PROJECT, else aios-hrm")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team); default: $AIOS_WANDB_ENTITY")
+    wandb_group: str | None = _opt(None, "W&B run group")
+    wandb_tags: str | None = _opt(None, "comma-separated W&B tags")
+    wandb_run_name: str | None = _opt(None, "W&B run name; default: the brain name")
+    wandb_offline: bool | None = _opt(None, "log to a local W&B run directory only (upload later with wandb "
+                                            "sync); default: $WANDB_MODE, else online when logged in",
+                                      negative="--wandb-online")
+
+    def __post_init__(self) -> None:
+        # Resolved here, in the process that parses the flags: a Ray worker on another node lacks this env.
+        self.wandb_project = self.wandb_project or os.environ.get("AIOS_WANDB_PROJECT") or "aios-hrm"
+        self.wandb_entity = self.wandb_entity or os.environ.get("AIOS_WANDB_ENTITY") or None
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if mode == "disabled":
+            self.wandb = False
+        elif self.wandb_offline is None and mode in ("offline", "dryrun", "online"):
+            self.wandb_offline = mode != "online"
+
+    @property
+    def tags(self) -> list[str]:
+        return [tag.strip() for tag in (self.wandb_tags or "").split(",") if tag.strip()]
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.store.tiered:
@@ -257,7 +290,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "cluster": ClusterConfig,
-                             "store": StoreConfig}
+                             "store": StoreConfig, "tracking": TrackingConfig}
 
 
 def build_section(section_cls: type, values: dict[str, Any], source: str) -> Any:
@@ -288,7 +321,7 @@ def read_yaml_sections(name_or_path: str, expected: str) -> tuple[Path, dict[str
 
 def load_yaml_config(name_or_path: str) -> dict[str, Any]:
     """Read a preset name (``configs/NAME.yaml``) or a YAML path into nested section dicts."""
-    path, data = read_yaml_sections(name_or_path, "model/train/cluster/store")
+    path, data = read_yaml_sections(name_or_path, "model/train/cluster/store/tracking")
     Config.from_dict(data, source=str(path))  # validate early, naming the file
     return data
 

@@ -23,6 +23,7 @@ from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
 from aios_ray.store.backend import ExpertBackend, ResumePoint, Workers, open_backend
 from aios_ray.tracking.jsonl import MetricsLog, Progress, say
+from aios_ray.tracking.wandb_mirror import with_wandb
 from aios_ray.train.bundle import MODEL_FILE, Bundle, load_model_weights, now
 from aios_ray.train.checkpointing import (
     TrainerState,
@@ -79,7 +80,8 @@ class Trainer:
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches
                           else [])
         self.metadata = dict(plan.metadata)
-        self.log = MetricsLog(Path(plan.log_file), publish=ctx.publish) if self.is_chief else MetricsLog(None)
+        publish = with_wandb(ctx.publish, self.cfg.tracking, Path(plan.log_file), self.cfg.train.brain_name)
+        self.log = MetricsLog(Path(plan.log_file), publish=publish) if self.is_chief else MetricsLog(None)
         if self.resumed:
             self._rewind_log(source, "resumed from a checkpoint")
         self.usage = RoutingLog()
