@@ -138,12 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     base = load_yaml_config(args.config) if args.config else {}
-    flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            flags[section][name] = value
-    return Config.from_dict(merge(base, flags), source="flags")
+    return Config.from_dict(merge(base, _sections(args)), source="flags")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -159,14 +154,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_autotune(args: argparse.Namespace) -> int:
-    import shlex
-
     from aios_ray.tune.autotune import run_autotune
 
     sections = _sections(args)
     cfg = build_section(AutotuneConfig, sections.get("autotune", {}), "flags")
     space = build_section(SearchSpace, sections.get("space", {}), "flags")
-    train_argv = ["train", *(["--config", args.config] if args.config else []), *shlex.split(args.train_args)]
+    preset = ["--config", args.config] if args.config else []
+    train_argv = ["train", *preset, *_split_flags("--train-args", args.train_args)]
     for flag, value in (("--dataset-file", args.dataset_file), ("--eval-file", args.eval_file),
                         ("--eval-batches", args.eval_batches)):
         if value is not None:
@@ -245,8 +239,8 @@ def _cmd_rl_sequential(args: argparse.Namespace) -> int:
     from aios_ray.rl.config import load_rl_yaml, rl_config_from_dict
     from aios_ray.rl.sequential import resume_sequential, run_sequential
 
-    flags = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("rl.")}
-    store_flags = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("store.")}
+    sections = _sections(args)
+    flags, store_flags = sections.get("rl", {}), sections.get("store", {})
     if args.resume:
         if args.config or flags or store_flags:
             raise UserError("--resume takes the run's own settings: give no --config or other flags with it")

@@ -290,7 +290,7 @@ class SequentialRun:
         self.switch_watch = SwitchWatch(detected_after=list(self.state.detected_after))
         done = self._steps_done()
         dropped, last = self.log.rewind(done)
-        reverted = [backend.reopened() for backend in self._expert_backends(algo) if backend.reopened() is not None]
+        reverted = [r for r in (b.reopened() for b in self._expert_backends(algo)) if r is not None]
         self.log.write("restart", step=done, checkpoint=str(self.checkpoint), lines_replaced=dropped,
                        last_logged_step=last, phase=self.state.phase, phase_steps=self.state.phase_steps,
                        **({"store_reverted_to": self.checkpoint.name, "store_cache": reverted[0]} if reverted else {}))

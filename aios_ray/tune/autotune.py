@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from aios_ray.config import Config, ConfigError
 from aios_ray.durable import atomic_write_json
 from aios_ray.tracking.jsonl import format_seconds, say
@@ -204,37 +206,31 @@ class Autotune:
         return summary
 
 
-class Progress:
+class Progress(Callback):
     """A line per finished trial: its value, the best so far, trials done and the ETA."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # a ray.tune.Callback, imported only when sweeping
-        from ray.tune import Callback
+    def __init__(self, total: int, metric: str, mode: str, steps: int) -> None:
+        self.total, self.metric, self.mode, self.steps = total, metric, mode, steps
+        self.done, self.best, self.started = 0, None, time.perf_counter()
 
-        class _Progress(Callback):
-            def __init__(self, total: int, metric: str, mode: str, steps: int) -> None:
-                self.total, self.metric, self.mode, self.steps = total, metric, mode, steps
-                self.done, self.best, self.started = 0, None, time.perf_counter()
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        value = (trial.last_result or {}).get(self.metric)
+        if value is not None and (self.best is None or (value < self.best) == (self.mode == "min")):
+            self.best = value
+        self._line(trial, f"{self.metric} {value:.4f}" if value is not None else "no metric")
 
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                value = (trial.last_result or {}).get(self.metric)
-                if value is not None and (self.best is None or (value < self.best) == (self.mode == "min")):
-                    self.best = value
-                self._line(trial, f"{self.metric} {value:.4f}" if value is not None else "no metric")
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "failed")
 
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self._line(trial, "failed")
-
-            def _line(self, trial: Any, what: str) -> None:
-                self.done += 1
-                elapsed = time.perf_counter() - self.started
-                eta = elapsed / self.done * (self.total - self.done)
-                step = (trial.last_result or {}).get("step")
-                stopped = " (stopped early)" if step is not None and step < self.steps and what != "failed" else ""
-                best = f"{self.best:.4f}" if self.best is not None else "n/a"
-                say(f"autotune  trial {self.done}/{self.total} {trial.trial_id}: {what}{stopped} | best {best} | "
-                    f"elapsed {format_seconds(elapsed)} | ETA {format_seconds(eta)}")
-
-        return _Progress(*args, **kwargs)
+    def _line(self, trial: Any, what: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        step = (trial.last_result or {}).get("step")
+        stopped = " (stopped early)" if step is not None and step < self.steps and what != "failed" else ""
+        best = f"{self.best:.4f}" if self.best is not None else "n/a"
+        say(f"autotune  trial {self.done}/{self.total} {trial.trial_id}: {what}{stopped} | best {best} | "
+            f"elapsed {format_seconds(elapsed)} | ETA {format_seconds(eta)}")
 
 
 def trial_record(result: Any, metric: str, steps: int) -> dict[str, Any]:
