@@ -205,6 +205,9 @@ class StoreConfig:
                 and self.capacity_gpu > 0 and self.capacity_dram > 0)
 
 
+ZERO_STAGES = ("none", "zero1", "zero2", "zero3")
+
+
 @dataclass
 class ClusterConfig:
     """Where and how wide the job runs on Ray."""
@@ -219,9 +222,24 @@ class ClusterConfig:
                                           "<bundle>/ray_results")
     verbose: bool = _opt(False, "show Ray Train's own lines on the console (its resource requests, the "
                                 "TrainingReport of every report, checkpoint paths); the progress lines show always")
+    parallel_independent: bool = _opt(False, "each worker trains its own chunks of the dataset with no gradient "
+                                              "exchange (chunk_tracker_state.json in the bundle records finished "
+                                              "chunks); the workers' weights are merged into the bundle at the end. "
+                                              "--ddp (the default) all-reduces gradients instead",
+                                       negative="--ddp")
+    dataset_chunk_size: int = _opt(256, "--parallel-independent: training sequences per dataset chunk (the unit "
+                                        "a worker claims, and the chunk tracker records when finished)")
+    zero_stage: str = _opt("none", "DeepSpeed ZeRO through Ray Train: none|zero1|zero2|zero3 (configs in "
+                                   "configs/deepspeed/); gloo on CPU, nccl on GPU")
 
     def __post_init__(self) -> None:
         _positive("num_workers", self.num_workers)
+        _positive("dataset_chunk_size", self.dataset_chunk_size)
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"--zero-stage {self.zero_stage!r}: expected one of {'|'.join(ZERO_STAGES)}")
+        if self.parallel_independent and self.zero_stage != "none":
+            raise ConfigError("--parallel-independent exchanges no gradients, so there is nothing for ZeRO to "
+                              "partition: use --ddp with --zero-stage")
 
 
 @dataclass
