@@ -173,12 +173,18 @@ class StoreConfig:
     prefetch: bool = _opt(True, "--experts tiered: prefetch the experts the last steps used (usage history)")
     stats_interval: int = _opt(50, "--experts tiered: steps between store_stats events in the metrics log",
                                flag="--store-stats-interval")
+    hot_tiers: str = _opt("auto", "--experts tiered: 'shared' (one hot tier per node, its workers compute on the "
+                                  "same slots), 'per-worker' (one hot tier per worker, each with its own copy of "
+                                  "the hot experts) or 'auto' (per-worker on GPUs: one per GPU; shared on CPU)",
+                          flag="--store-hot-tiers")
 
     def __post_init__(self) -> None:
         if self.experts not in ("local", "tiered"):
             raise ConfigError(f"--experts {self.experts!r}: expected 'local' or 'tiered'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--store-device {self.device!r}: expected 'auto', 'cpu' or 'cuda'")
+        if self.hot_tiers not in ("auto", "shared", "per-worker"):
+            raise ConfigError(f"--store-hot-tiers {self.hot_tiers!r}: expected 'auto', 'shared' or 'per-worker'")
         for name in ("capacity_gpu", "capacity_dram"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -194,9 +200,10 @@ class StoreConfig:
         """Every run-dependent default filled in: the store's path and name, the hot tier's device, and
         capacities of 0 (= every expert) as the model's expert count."""
         device = ("cuda" if use_gpu else "cpu") if self.device == "auto" else self.device
+        hot_tiers = ("per-worker" if device == "cuda" else "shared") if self.hot_tiers == "auto" else self.hot_tiers
         return dataclasses.replace(
             self, path=str(Path(self.path or Path(bundle_root) / "expert_store").resolve()),
-            name=self.name or brain_name, device=device,
+            name=self.name or brain_name, device=device, hot_tiers=hot_tiers,
             capacity_gpu=self.capacity_gpu or total_experts, capacity_dram=self.capacity_dram or total_experts)
 
     @property
@@ -204,8 +211,22 @@ class StoreConfig:
         return (self.path is not None and self.name is not None and self.device != "auto"
                 and self.capacity_gpu > 0 and self.capacity_dram > 0)
 
+    @property
+    def hot_tier_per_worker(self) -> bool:
+        """Each worker has its own hot tier (always on GPUs unless 'shared' is asked for)."""
+        return self.hot_tiers == "per-worker" or (self.hot_tiers == "auto" and self.device == "cuda")
+
+    def for_node(self, node_id: str) -> StoreConfig:
+        """The store of one node of a run whose workers span several: its actors' names and its NVMe directory
+        carry the node's id, so that each node keeps (and finds again) its own store."""
+        key = node_id[:NODE_KEY_LENGTH]
+        return dataclasses.replace(self, name=f"{self.name}-{key}", path=str(Path(str(self.path)) / f"node-{key}"))
+
 
 ZERO_STAGES = ("none", "zero1", "zero2", "zero3")
+# Characters of a Ray node id that name a node's store (``StoreConfig.for_node``): 8 hex digits, as Ray's own logs
+# shorten node ids.
+NODE_KEY_LENGTH = 8
 
 
 @dataclass
@@ -282,12 +303,23 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if self.store.tiered and not self.model.use_moe:
+            raise ConfigError("--experts tiered needs MoE layers (drop --no-moe)")
+        if self.store.tiered and self.cluster.parallel_independent:
+            raise ConfigError("--experts tiered with --parallel-independent: each independent worker would need "
+                              "its own store; use --ddp")
+        if self.cluster.zero_stage != "none":
+            self._check_zero()
+
+    def _check_zero(self) -> None:
+        """ZeRO partitions the model's own parameters and optimizer state across data-parallel workers."""
+        stage = self.cluster.zero_stage
         if self.store.tiered:
-            if not self.model.use_moe:
-                raise ConfigError("--experts tiered needs MoE layers (drop --no-moe)")
-            if self.cluster.num_workers > 1 and self.cluster.use_gpu:
-                raise ConfigError("--experts tiered with --use-gpu runs with --num-workers 1 for now (one GPU "
-                                  "cache per GPU, each with its own copy of the experts, is not built yet)")
+            raise ConfigError(f"--zero-stage {stage} partitions the model's parameters, but --experts tiered keeps "
+                              "the experts outside the model, in the store: use --experts local with ZeRO")
+        if not self.cluster.use_ray or self.cluster.num_workers < 2:
+            raise ConfigError(f"--zero-stage {stage} partitions training state across data-parallel workers: it "
+                              "needs Ray Train with --num-workers 2 or more (not --no-ray)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,22 +21,26 @@ import torch
 from aios_ray.data.dataset import BlockSampler, eval_batches
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
-from aios_ray.store.backend import ExpertBackend, ResumePoint, Workers, open_backend
+from aios_ray.store.backend import ExpertBackend, ResumePoint, open_backend
 from aios_ray.tracking.jsonl import MetricsLog, Progress, say
 from aios_ray.tracking.wandb_mirror import with_wandb
 from aios_ray.train.bundle import MODEL_FILE, Bundle, load_model_weights, now
 from aios_ray.train.checkpointing import (
     TrainerState,
+    checkpoint_experts,
     checkpoint_files,
     checkpoint_step,
+    expert_records,
     load_training_state,
     resume_source,
     store_snapshot,
 )
 from aios_ray.train.context import WorkerContext
 from aios_ray.train.evaluate import evaluate_loss
+from aios_ray.train.independent import IndependentWorker, own_checkpoint
 from aios_ray.train.optim import build_optimizer, lr_at
 from aios_ray.train.plan import RunPlan, TrainData
+from aios_ray.train.zero import DEEPSPEED_DIR, open_zero, optimizer_to_restore
 
 
 class BackendRestarted(RuntimeError):
@@ -63,19 +67,31 @@ class Trainer:
         with self.ctx.restored_checkpoint() as ray_checkpoint:
             source = resume_source(ray_checkpoint, self.bundle, plan.run_id, plan.resume_from,
                                    agree=ctx.min_over_ranks)
-            if source is not None:
-                load_model_weights(self.model, source / MODEL_FILE)  # complete weights, experts included
+            # --parallel-independent: each worker resumes its own copy (its weights, optimizer and RNG)
+            own = own_checkpoint(source, ctx.rank) if self.cfg.cluster.parallel_independent else source
+            if own is not None:
+                load_model_weights(self.model, own / MODEL_FILE)  # complete weights, experts included
             self.experts: ExpertBackend = open_backend(
                 self.model, self.cfg.store, ctx.open_expert_store, weight_decay=tc.weight_decay,
-                keep_checkpoints=tc.keep_checkpoints, workers=Workers(ctx.rank, ctx.world_size),
-                resume=ResumePoint(source is not None, store_snapshot(source)))
+                keep_checkpoints=tc.keep_checkpoints, workers=ctx.workers(self.cfg.store),
+                resume=ResumePoint(source is not None, store_snapshot(source), expert_records(source)))
             self.optimizer = build_optimizer(self.model, tc)
-            if source is not None:
-                self.state = load_training_state(source, self.optimizer, ctx.device, tc.batch_size)
+            if own is not None:
+                self.state = load_training_state(own, optimizer_to_restore(own, self.optimizer, self.cfg),
+                                                 ctx.device, tc.batch_size)
+            self.independent = IndependentWorker(
+                self.model, self.cfg, data.train_tokens, data.dataset.get("sha256", ""), self.bundle.root, source,
+                ctx.rank, ctx.world_size) if self.cfg.cluster.parallel_independent else None
         self.resumed = source is not None
-        self.train_model = ctx.wrap_model(self.model)
-        self.sampler = BlockSampler(data.train_tokens, self.cfg.model.max_seq_len, tc.batch_size, tc.seed,
-                                    ctx.rank, ctx.world_size, self.state.sampler)
+        self.parameters = count_parameters(self.model)  # before ZeRO-3 partitions the parameters away
+        # --zero-stage: a DeepSpeed engine takes the model and the optimizer's step (None without it)
+        self.zero = open_zero(self.model, self.optimizer, self.cfg, ctx.device, ctx.rank, ctx.world_size, source)
+        # --parallel-independent exchanges no gradients: no DDP wrap, and each worker draws from its own chunks
+        self.train_model = self.model if self.independent else self.zero.engine if self.zero \
+            else ctx.wrap_model(self.model)
+        self.sampler = self.independent.sampler if self.independent else BlockSampler(
+            data.train_tokens, self.cfg.model.max_seq_len, tc.batch_size, tc.seed, ctx.rank, ctx.world_size,
+            self.state.sampler)
         self.eval_data = (eval_batches(data.eval_tokens, self.cfg.model.max_seq_len, tc.batch_size,
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches
                           else [])
@@ -91,13 +107,25 @@ class Trainer:
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         path = None
         self.state.sampler = self.sampler.state
+        experts = checkpoint_experts(self.experts, self.state)  # every worker: each node's store snapshots
+        # every worker: ZeRO-3 gathers the weights, each rank writes its optimizer partition
+        zero = self.zero.snapshot(self.bundle.checkpoints, self.state.step) if self.zero else None
+        if self.is_chief or self.independent:
+            files = checkpoint_files(self.model, self.optimizer, self.state, experts, self.ctx.device,
+                                     self.plan.run_id, zero=zero)
+        if self.independent:  # every worker's own state goes into the checkpoint as well (workers/rank_<r>/)
+            self.independent.stage(files)
+            self.ctx.any_rank(False)  # a barrier: every worker has staged its state before the chief collects
         if self.is_chief:
-            files = checkpoint_files(self.model, self.optimizer, self.state, self.experts, self.ctx.device,
-                                     self.plan.run_id)
-            path = self.bundle.write_checkpoint(self.state.step, files, self.cfg.train.keep_checkpoints)
+            if self.independent:
+                files.update(self.independent.collect())
+            path = self.bundle.write_checkpoint(self.state.step, files, self.cfg.train.keep_checkpoints,
+                                                moved={DEEPSPEED_DIR: zero.staged} if zero else None)
             self.metadata["total_steps"] = self.state.step
             self.metadata["dataset_history"][-1]["steps_end"] = self.state.step
             self.bundle.publish(path, self.metadata)
+            if self.independent:  # chunks count as finished once a published checkpoint holds their training
+                self.independent.record(path)
             self.log.write("checkpoint", step=self.state.step, path=str(path))
         self.ctx.report({**metrics, "step": self.state.step}, path)
 
@@ -151,9 +179,12 @@ class Trainer:
         try:
             sums = self._forward_backward(batches, total_sequences)
             self.experts.after_backward()  # experts the model does not own are averaged here, not by DDP
-            params = list(self.model.parameters()) + self.experts.parameters()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
-            self.optimizer.step()
+            if self.zero:  # DeepSpeed clips (its gradient_clipping is --grad-clip) and steps the partitions
+                grad_norm = self.zero.step()
+            else:
+                params = list(self.model.parameters()) + self.experts.parameters()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+                self.optimizer.step()
             self.experts.step(lr)  # the same AdamW arithmetic for the experts the backend holds
         except BaseException as exc:
             self.experts.abort_step()
@@ -179,19 +210,25 @@ class Trainer:
         usage = RoutingLog()
         for index, (ids, labels) in enumerate(chunks):
             last = index == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") \
+            # (DeepSpeed's engine has a no_sync that ZeRO-2/3 refuse: under ZeRO the boundary says when to reduce)
+            sync = contextlib.nullcontext() if last or self.zero or not hasattr(self.train_model, "no_sync") \
                 else self.train_model.no_sync()
             with sync:
                 with self._autocast():
                     out = self.train_model(ids.to(device), labels.to(device))
                 scale = len(ids) / total_sequences
-                (out.loss * scale).backward()
+                if self.zero:
+                    self.zero.backward(out.loss * scale, last)
+                else:
+                    (out.loss * scale).backward()
             for key, value in (("train_loss", out.loss), ("lm_loss", out.lm_loss), ("q_loss", out.q_loss),
                                ("lb_loss", out.lb_loss)):
                 sums[key] += float(value.detach()) * scale
             sums["halt"] += float(out.halt_steps.sum())
             usage.merge_usage(out.routing)
         self.usage.merge_usage(usage)
+        if self.independent:  # the merge weighs each worker's copy of an expert by the tokens it routed there
+            self.independent.count_routed(usage)
         return sums
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -297,7 +334,7 @@ class Trainer:
                        **counts)
 
     def _start(self) -> None:
-        params = count_parameters(self.model)
+        params = self.parameters
         if self.is_chief:
             history = self.metadata.setdefault("dataset_history", [])
             history.append({**self.data.dataset, "steps_start": self.state.step, "steps_end": self.state.step,
@@ -310,10 +347,18 @@ class Trainer:
                 f"{self.ctx.world_size} worker(s) on {self.ctx.device}")
         self.log.write("run_start", step=self.state.step, resumed=self.resumed, parameters=params,
                        world_size=self.ctx.world_size, config=self.cfg.to_dict(), bundle=self.plan.bundle_root)
+        if self.independent:
+            self.independent.announce(self.log, self.state.step)
         reopened = self.experts.reopened()
-        if reopened is not None and self.is_chief:
-            say(f"expert store: resumed at the flush of step {self.state.step}; {reopened['hot_kept']} expert(s) "
-                f"still hot at that version were re-mapped, {reopened['hot_dropped']} newer one(s) dropped")
+        if reopened is not None:  # said by each node's store leader: with several nodes, each has its story
+            where = f"[rank {self.ctx.rank}] " if self.ctx.world_size > 1 else ""
+            if "rebuilt_from_checkpoint" in reopened:
+                say(f"{where}expert store: this node had none; rebuilt from the records of the step "
+                    f"{self.state.step} checkpoint ({reopened['rebuilt_from_checkpoint']} experts)")
+            else:
+                say(f"{where}expert store: resumed at the flush of step {self.state.step}; {reopened['hot_kept']} "
+                    f"expert(s) still hot at that version were re-mapped, {reopened['hot_dropped']} newer one(s) "
+                    "dropped")
             self.log.write("store_reopen", step=self.state.step, **reopened)
         self.model.train()
 

@@ -22,6 +22,7 @@ from aios_ray.errors import BundleError, DataError
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.export import count_experts
 from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights, read_model_config
+from aios_ray.train.independent import check_chunks
 from aios_ray.train.plan import RunPlan, TrainData
 
 
@@ -72,6 +73,8 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
     )
     data = TrainData(train_tokens, eval_tokens, tokenizer.to_str(), _describe(train_path, train_docs,
                                                                               train_tokens, eval_path))
+    if cfg.cluster.parallel_independent:  # an unreadable or foreign chunk tracker is refused before any write
+        check_chunks(cfg, bundle_root, train_tokens, data.dataset["sha256"])
     return plan, data
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aios_ray.config import Config
 from aios_ray.train.context import LocalContext
+from aios_ray.train.independent import merge_run
 from aios_ray.train.loop import train_worker
 from aios_ray.train.plan import RunPlan, TrainData
 from aios_ray.train.prepare import prepare_run
@@ -21,6 +23,16 @@ def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
 
 
 def run_plan(plan: RunPlan, data: TrainData) -> dict[str, Any]:
+    summary = _train(plan, data)
+    if plan.config.cluster.parallel_independent:  # the workers' copies become one model (after the last checkpoint)
+        merged = merge_run(plan, data)
+        summary["worker_eval_losses"] = merged["worker_eval_losses"]
+        if merged["merged_eval_loss"] is not None:  # the bundle's model is the merge: its loss is the run's
+            summary.update(eval_loss=merged["merged_eval_loss"], ppl=math.exp(min(merged["merged_eval_loss"], 50.0)))
+    return summary
+
+
+def _train(plan: RunPlan, data: TrainData) -> dict[str, Any]:
     if not plan.config.cluster.use_ray:
         with LocalContext(plan.config.cluster.use_gpu) as ctx:  # closes the in-process store, however it ends
             return train_worker(plan, data, ctx)
