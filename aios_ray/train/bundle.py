@@ -37,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+EXPERT_RECORDS_FILE = "expert_records.safetensors"  # tiered experts' full records: a node without a store rebuilds it
 
 
 def read_json(path: Path) -> Any:
@@ -122,13 +123,18 @@ class Bundle:
                 raise BundleError(f"{path / required}: missing")
         return path
 
-    def write_checkpoint(self, step: int, files: dict[str, bytes], keep: int) -> Path:
-        """Write a complete checkpoint directory under a temporary name, then rename it into place."""
+    def write_checkpoint(self, step: int, files: dict[str, bytes], keep: int,
+                         moved: dict[str, Path] | None = None) -> Path:
+        """Write a complete checkpoint directory under a temporary name, then rename it into place.
+
+        ``moved``: directories written elsewhere (DeepSpeed's, by every worker) moved in under the given names."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / checkpoint_name(step)
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".tmp-{checkpoint_name(step)}-"))
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
+        for name, source in (moved or {}).items():
+            os.rename(source, tmp / name)  # the same filesystem: the staged directory sits next to tmp
         if final.exists():  # same step written again (e.g. stop right after a periodic checkpoint)
             shutil.rmtree(final)
         os.rename(tmp, final)

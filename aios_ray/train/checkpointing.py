@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as to_bytes
@@ -18,8 +19,11 @@ from torch import nn
 
 from aios_ray.data.dataset import SamplerState
 from aios_ray.errors import BundleError
-from aios_ray.store.backend import ExpertBackend
+from aios_ray.store.backend import ExpertBackend, ExpertCheckpoint
+from aios_ray.store.export import tensors_to_records
+from aios_ray.store.tiers import Item
 from aios_ray.train.bundle import (
+    EXPERT_RECORDS_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
@@ -30,6 +34,9 @@ from aios_ray.train.bundle import (
     read_json,
 )
 from aios_ray.train.optim import optimizer_from_tensors, optimizer_to_tensors
+
+if TYPE_CHECKING:
+    from aios_ray.train.zero import ZeroSnapshot
 
 
 @dataclass
@@ -52,31 +59,53 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(read_json(checkpoint / TRAINER_STATE_FILE)["trainer"]["step"])
 
 
+def checkpoint_experts(backend: ExpertBackend, state: TrainerState) -> ExpertCheckpoint:
+    """What the expert backend adds to the checkpoint at ``state.step``. Every worker calls it (each node's store
+    flushes and snapshots); the chief gets the experts' weights and records back."""
+    return backend.checkpoint(checkpoint_name(state.step))
+
+
 def checkpoint_files(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-                     backend: ExpertBackend, device: torch.device, run_id: str) -> dict[str, bytes]:
-    """The files of a checkpoint at ``state.step``; the backend adds the experts it holds (and flushes them)."""
-    tensors, groups = optimizer_to_tensors(optimizer)
+                     experts: ExpertCheckpoint, device: torch.device, run_id: str,
+                     zero: ZeroSnapshot | None = None) -> dict[str, bytes]:
+    """The files of a checkpoint at ``state.step``, with the experts the backend holds (``checkpoint_experts``).
+
+    Under ZeRO (``zero``) the weights are the ones it gathered and the optimizer state is DeepSpeed's own (its
+    folder joins the checkpoint): ``optimizer.safetensors`` then holds the RNG states only."""
+    tensors, groups = optimizer_to_tensors(optimizer) if zero is None else ({}, [])
     tensors["rng.cpu"] = torch.get_rng_state()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    expert_weights, backend_state = backend.checkpoint(checkpoint_name(state.step))
-    model_state.update(expert_weights)
+    weights = model.state_dict() if zero is None or zero.weights is None else zero.weights
+    model_state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    model_state.update(experts.weights)
     trainer_state = {"trainer": asdict(state), "param_groups": groups, "saved_at": now(), "run_id": run_id,
-                     **backend_state}
-    return {
+                     **experts.state, **(zero.state if zero is not None else {})}
+    files = {
         MODEL_FILE: to_bytes(model_state),
         OPTIMIZER_FILE: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
         TRAINER_STATE_FILE: json.dumps(trainer_state, indent=2).encode(),
     }
+    if experts.records:
+        files[EXPERT_RECORDS_FILE] = to_bytes(experts.records)
+    return files
 
 
-def load_training_state(path: Path, optimizer: torch.optim.Optimizer, device: torch.device,
+def expert_records(checkpoint: Path | None) -> Callable[[], list[Item]] | None:
+    """The reader of a checkpoint's expert records (None: no checkpoint, or one written without a store)."""
+    if checkpoint is None or not (checkpoint / EXPERT_RECORDS_FILE).is_file():
+        return None
+    return lambda: tensors_to_records(load_tensors(checkpoint / EXPERT_RECORDS_FILE))
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None, device: torch.device,
                         batch_size: int) -> TrainerState:
-    """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately)."""
+    """Optimizer, RNG, schedule and data position of a checkpoint (weights are loaded separately); with
+    ``optimizer`` None the optimizer state is left alone (ZeRO's is DeepSpeed's: ``train/zero.py``)."""
     tensors = load_tensors(path / OPTIMIZER_FILE)
     state = read_json(path / TRAINER_STATE_FILE)
-    optimizer_from_tensors(optimizer, tensors, state["param_groups"])
+    if optimizer is not None:
+        optimizer_from_tensors(optimizer, tensors, state["param_groups"])
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available() and "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
