@@ -10,10 +10,12 @@ process that still maps it keeps valid memory until it re-maps).
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,10 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.nvme_store import create_nvme_store
-from aios_ray.config import StoreConfig
+from aios_ray.config import NODE_KEY_LENGTH, StoreConfig
 from aios_ray.errors import DataError, UserError
 from aios_ray.store.control import revert_counts
-from aios_ray.store.orphans import new_store_slab
+from aios_ray.store.orphans import new_store_slab, reclaim_store_orphans
 from aios_ray.store.policy import TierCounters
 from aios_ray.store.record import ExpertKey, ExpertLayout
 from aios_ray.store.slab import CudaSlab, HotSlab, open_shared_slab, slab_path
@@ -33,8 +35,8 @@ from aios_ray.store.tiered_experts import TieredExperts
 from aios_ray.store.tiers import DramTier, HotTier, Item, Record
 
 MAX_CONCURRENCY = 4
-# The GPU cache actor asks Ray for this share of a GPU, and a training worker beside it for the rest: on a
-# node with one GPU both land on it, which CUDA IPC needs (``open_shared_slab`` checks it).
+# A GPU cache actor created without a training worker's GPU to follow asks Ray for this share of a GPU: on a
+# node with one GPU it lands beside a worker there, which CUDA IPC needs (``open_shared_slab`` checks it).
 GPU_CACHE_SHARE = 0.05
 
 
@@ -43,8 +45,30 @@ def actor_name(config: StoreConfig, tier: str) -> str:
     return f"{config.name}-{tier}"
 
 
-GPU_TIERS = ("gpu0",)  # one GPU cache per store for now (one per GPU is future work)
-TIERS = (*GPU_TIERS, "dram", "nvme")
+def hot_tier_name(index: int) -> str:
+    """Hot tier ``index`` of a store: one per node (``gpu0``), or one per worker on the node (``gpu<local rank>``)."""
+    return f"gpu{index}"
+
+
+_TIER_PATTERN = rf"(?:-(?P<node>[0-9a-f]{{{NODE_KEY_LENGTH}}}))?-(?P<tier>nvme|dram|gpu\d+)"
+
+
+def store_actors(config: StoreConfig) -> list[tuple[str, str, StoreConfig]]:
+    """The live actors of the store ``config`` names as (name, tier, the config of the store it belongs to): the
+    run's own store (``<store>-<tier>``) and, for a run over several nodes, each node's (``<store>-<node>-<tier>``)."""
+    pattern = re.compile(re.escape(str(config.name)) + _TIER_PATTERN)
+    found = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        match = pattern.fullmatch(actor["name"]) if actor["namespace"] == config.namespace else None
+        if match:
+            node = match.group("node")
+            found.append((actor["name"], match.group("tier"), config.for_node(node) if node else config))
+    # per store: its hot tiers in index order, then DRAM, then NVMe (the order of ``store stats``)
+    return sorted(found, key=lambda item: (str(item[2].name), _tier_order(item[1])))
+
+
+def _tier_order(tier: str) -> tuple[int, int]:
+    return (0, int(tier[3:])) if tier.startswith("gpu") else (1 if tier == "dram" else 2, 0)
 
 
 class DramActorTier:
@@ -281,28 +305,36 @@ class ActorHotClient:
 
 
 def shutdown_store(config: StoreConfig) -> int:
-    """End the actors of the store ``config`` names, wherever they run (those that exist); returns how many.
-    The slab files are removed when the actors ran on this node."""
+    """End the actors of the store ``config`` names (each node's, for a run over several), wherever they run;
+    returns how many. The slab files are removed when the actors ran on this node."""
     ended = 0
-    for tier in TIERS:
+    for name, tier, store in store_actors(config):
         try:
-            ray.kill(ray.get_actor(actor_name(config, tier), namespace=config.namespace), no_restart=True)
+            ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
             ended += 1
-        except ValueError:  # never created, or gone already
+        except ValueError:  # gone already
             continue
-    for tier in GPU_TIERS:
-        slab_path(config.namespace, actor_name(config, tier), str(config.path)).unlink(missing_ok=True)
+        if tier.startswith("gpu"):
+            slab_path(store.namespace, name, str(store.path)).unlink(missing_ok=True)
+    # A node store whose node died took its actors along, but on a node that lives on (a simulated one) its slab
+    # file would stay: the orphans of every node store of this run on this node go too.
+    for node_root in Path(str(config.path)).glob("node-*"):
+        reclaim_store_orphans(str(node_root))
     return ended
 
 
 def create_store(config: StoreConfig, layout: ExpertLayout, node_id: str | None = None,
-                 detached: bool = False) -> StoreHandles:
-    """Create the NVMe, DRAM and GPU-cache actors of a store, or find them again by name.
+                 detached: bool = False, hot_tiers: Sequence[int] = (0,),
+                 cuda_device: str | None = None) -> StoreHandles:
+    """Create the NVMe, DRAM and hot-tier actors of a store, or find them again by name.
 
     ``config`` must be resolved (``StoreConfig.resolved``); ``layout`` is the model's expert record layout.
     ``node_id``: place new actors on that node (the training worker's: the hot slab must be mapped where the
     compute runs). ``detached``: they outlive the process that created them (a training worker that dies
     and is restarted finds them again); whoever runs the whole job then ends them (``shutdown_store``).
+    ``hot_tiers``: the indices of the hot tiers to create or find (``gpu<i>``). ``cuda_device``: the GPU (its
+    UUID) that hot tiers created now put their slots on, the creating worker's own, since CUDA IPC shares
+    memory only on one GPU; such a tier takes no GPU from Ray (the worker holds it) and sees only that GPU.
     """
     if not config.is_resolved:
         raise ValueError(f"store config {config} is not resolved (StoreConfig.resolved fills in its defaults)")
@@ -317,9 +349,10 @@ def create_store(config: StoreConfig, layout: ExpertLayout, node_id: str | None 
     nvme = create_nvme_store(str(config.path), layout, name=actor_name(config, "nvme"),
                              namespace=config.namespace, node_id=node_id, detached=detached)
     dram = DramCacheActor.options(name=actor_name(config, "dram"), **options).remote(config, layout, nvme)
-    num_gpus = GPU_CACHE_SHARE if config.device == "cuda" else 0
-    gpu = [GpuCacheActor.options(name=actor_name(config, tier), num_gpus=num_gpus, **options).remote(
-        config, layout, tier, dram) for tier in GPU_TIERS]
+    gpu = [GpuCacheActor.options(name=actor_name(config, hot_tier_name(i)), **options,
+                                 **_hot_tier_device(config, cuda_device)).remote(config, layout,
+                                                                                  hot_tier_name(i), dram)
+           for i in hot_tiers]
     for actor in (dram, *gpu):  # found by name: it must be this store, not another run's
         existing = ray.get(actor.store_config.remote())
         if existing != (config, layout):
@@ -327,12 +360,25 @@ def create_store(config: StoreConfig, layout: ExpertLayout, node_id: str | None 
     return StoreHandles(config, layout, nvme, dram, gpu)
 
 
+def _hot_tier_device(config: StoreConfig, cuda_device: str | None) -> dict[str, Any]:
+    """Where a new hot tier's slots go: CPU (a shared-memory file), the given GPU, or a share of one from Ray.
+    Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asks for no GPU, so the runtime env's value holds."""
+    if config.device != "cuda":
+        return {"num_gpus": 0}
+    if cuda_device is None:
+        return {"num_gpus": GPU_CACHE_SHARE}
+    return {"num_gpus": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": cuda_device}}}
+
+
 def live_store_stats(config: StoreConfig, address: str | None) -> dict[str, Any]:
     """Ask the running store actors of ``config`` (found by name) for their counters."""
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=config.namespace, log_to_driver=False)
     try:
-        handles = [ray.get_actor(actor_name(config, tier), namespace=config.namespace) for tier in (*GPU_TIERS, "dram")]
+        handles = [ray.get_actor(name, namespace=config.namespace) for name, tier, _store in store_actors(config)
+                   if tier != "nvme"]
+        if not handles:
+            raise ValueError(config.name)
     except ValueError:
         raise DataError(f"--name {config.name}: no running store actors in namespace {config.namespace!r}") from None
     return {"tiers": ray.get([handle.stats.remote() for handle in handles])}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,13 +41,30 @@ from aios_ray.adamw import BETAS, EPS
 from aios_ray.config import StoreConfig
 from aios_ray.durable import atomic_write_json
 from aios_ray.store.control import StoreControl
-from aios_ray.store.export import expert_keys, expert_layout, experts_state_dict, local_expert_records
+from aios_ray.store.export import (
+    expert_keys,
+    expert_layout,
+    experts_state_dict,
+    local_expert_records,
+    records_to_tensors,
+)
 from aios_ray.store.policy import AccessHistory
 from aios_ray.store.record import ExpertKey, ExpertLayout
+from aios_ray.store.tiers import Item
 
 HISTORY_STEPS = 4  # the usage-history predictor looks this many steps back
 
 StoreOpener = Callable[[StoreConfig, ExpertLayout], StoreControl]
+
+
+@dataclass
+class ExpertCheckpoint:
+    """What a backend adds to a checkpoint: expert weights for the model file, state for trainer_state.json,
+    and the experts' full records (weights, Adam moments, step, version) for a file of their own."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ExpertBackend(Protocol):
@@ -63,7 +80,7 @@ class ExpertBackend(Protocol):
     def end_step(self, step: int) -> None: ...
     def abort_step(self) -> None: ...
     def evaluating(self) -> contextlib.AbstractContextManager[None]: ...
-    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+    def checkpoint(self, tag: str) -> ExpertCheckpoint: ...
     def failed(self) -> bool: ...
     def recover(self, snapshot: str | None) -> dict[str, int]: ...
     def stats(self, step: int) -> dict[str, Any] | None: ...
@@ -98,8 +115,8 @@ class LocalExperts:
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {}, {}
+    def checkpoint(self, tag: str) -> ExpertCheckpoint:
+        return ExpertCheckpoint()
 
     def failed(self) -> bool:
         return False
@@ -121,24 +138,58 @@ class LocalExperts:
 
 
 class Workers:
-    """The run's training workers as ``torch.distributed`` sees them (just this process without it).
+    """The run's training workers as ``torch.distributed`` sees them (just this process without it), and where
+    each one stands towards the stores: one store per node (NVMe, DRAM and hot tiers), its hot tier shared by
+    the node's workers or one per worker (one per GPU).
 
-    With several workers on one node they all map the same hot slab: each computes on the shared slots, the
-    expert gradients are averaged across workers (as DDP averages the other parameters), and only the leader
-    (rank 0) writes the slots and tells the store; the others wait at a barrier so that nobody reads a slot
-    while it is being updated.
+    Every worker computes on its hot tier's slots and the expert gradients are averaged across all workers (as
+    DDP averages the other parameters). Each hot tier has one writer, which runs AdamW in its slots: the node's
+    first worker for a shared tier, each worker for its own. Writers apply the same averaged gradients to the
+    same weights, so every copy stays identical. The node's first worker (the store leader) also seeds,
+    prefetches, snapshots and reverts its node's store. Everyone meets at a barrier after a step, so that
+    nobody reads a slot while it is being written.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int | None = None,
+                 local_world_size: int | None = None, per_worker_hot_tier: bool = False) -> None:
         self.rank, self.world_size = rank, world_size
+        self.local_rank = rank if local_rank is None else local_rank
+        self.local_world_size = world_size if local_world_size is None else local_world_size
+        self.per_worker_hot_tier = per_worker_hot_tier
 
     @property
     def leader(self) -> bool:
+        """The run's first worker (the chief)."""
         return self.rank == 0
+
+    @property
+    def store_leader(self) -> bool:
+        """The first worker of its node: it speaks for the node's store."""
+        return self.local_rank == 0
+
+    @property
+    def writes_slots(self) -> bool:
+        """This worker runs the optimizer in its hot tier's slots (its own tier, or the node's shared one)."""
+        return self.per_worker_hot_tier or self.store_leader
+
+    @property
+    def hot_tier(self) -> int:
+        """The index of the node's hot tier this worker computes on."""
+        return self.local_rank if self.per_worker_hot_tier else 0
+
+    @property
+    def hot_tiers(self) -> int:
+        """How many hot tiers the node's store has."""
+        return self.local_world_size if self.per_worker_hot_tier else 1
 
     @property
     def many(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
+
+    @property
+    def nodes_many(self) -> bool:
+        """The workers span more than one node: each node has a store of its own."""
+        return self.local_world_size < self.world_size
 
     def barrier(self) -> None:
         if self.many:
@@ -165,6 +216,8 @@ class ResumePoint:
 
     resumed: bool = False
     snapshot: str | None = None
+    #: the checkpoint's expert records, read only when this node has no store yet (it is rebuilt from them)
+    records: Callable[[], list[Item]] | None = None
 
 
 class TieredBackend:
@@ -180,15 +233,20 @@ class TieredBackend:
         self._reopened: dict[str, int] | None = None  # what a resume found cached at the last flush
         self.history = AccessHistory(HISTORY_STEPS)
         self.step_index = 0
-        if self.workers.leader:
+        if self.workers.store_leader:
             if not store.keys():
-                store.seed(local_expert_records(model))  # a new store starts from the model's initial experts
+                # A new store starts from the checkpoint's records when resuming (a worker on a node that has no
+                # store yet rebuilds it), otherwise from the model's initial experts.
+                records = resume.records() if resume.records is not None else None
+                store.seed(records or local_expert_records(model))
+                if records:
+                    self._reopened = {"hot_kept": 0, "hot_dropped": 0, "rebuilt_from_checkpoint": len(records)}
             elif resume.resumed:
                 # The caches may hold updates newer than the checkpoint we resume from (NVMe's last flush);
                 # what they hold at its flushed version stays hot for this (possibly restarted) worker.
                 self._reopened = store.revert(resume.snapshot)
         self.workers.barrier()
-        self.experts = store.experts_client()
+        self.experts = store.experts_client(self.workers.hot_tier)
         model.use_expert_source(self.experts)
         self.incarnations = store.incarnations()
         self.lease_calls_at_last_stats = 0
@@ -224,9 +282,9 @@ class TieredBackend:
             offset += leaf.numel()
 
     def step(self, lr: float) -> int:
-        """AdamW in the slots by the leader; the others wait until the slots hold the new weights."""
+        """AdamW in the slots by their writer; the others wait until the slots hold the new weights."""
         updated = 0
-        if self.workers.leader:
+        if self.workers.writes_slots:
             updated = self.experts.apply_optimizer(lr, self.weight_decay, self.betas, self.eps)
         else:
             self.experts.drop_gradients()
@@ -240,7 +298,7 @@ class TieredBackend:
         for layer, experts in used.items():
             self.history.record(step, layer, experts)
         self.experts.end_step()
-        if self.config.prefetch and self.workers.leader:  # into free or unpinned room, counted as prefetch
+        if self.config.prefetch and self.workers.store_leader:  # into free or unpinned room, counted as prefetch
             for layer in used:
                 self.store.prefetch(layer, self.history.predict(layer))
         self.step_index = step
@@ -269,13 +327,20 @@ class TieredBackend:
             self.experts.end_step()
 
     # ---- durability ----------------------------------------------------------------------------
-    def checkpoint(self, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Flush and snapshot the store under the checkpoint's name (a resume restores it), then read every
-        expert back from NVMe: the checkpoint's weights are complete and portable. One snapshot more than the
-        checkpoints kept stays, since Ray Train may resume from one checkpoint behind the bundle."""
-        self.store.snapshot(tag, keep=self.keep_snapshots)
-        weights = experts_state_dict(self.model, self.keys, self.store.read_all(self.keys))
-        return weights, {"expert_store_snapshot": tag}
+    def checkpoint(self, tag: str) -> ExpertCheckpoint:
+        """Every worker calls this: each node's store is flushed and snapshotted under the checkpoint's name (a
+        resume or a recovery on that node restores it). The chief then reads every record back from NVMe: the
+        checkpoint's weights are complete and portable, and its records (weights, moments, step, version) let a
+        node without a store rebuild one. One snapshot more than the checkpoints kept stays, since Ray Train may
+        resume from one checkpoint behind the bundle."""
+        if self.workers.store_leader:
+            self.store.snapshot(tag, keep=self.keep_snapshots)
+        self.workers.barrier()
+        if not self.workers.leader:
+            return ExpertCheckpoint(state={"expert_store_snapshot": tag})
+        records = self.store.read_all(self.keys)
+        return ExpertCheckpoint(weights=experts_state_dict(self.model, self.keys, records),
+                                state={"expert_store_snapshot": tag}, records=records_to_tensors(self.keys, records))
 
     def failed(self) -> bool:
         """A tier actor restarted since we last looked: whatever it had not flushed is gone."""
@@ -284,9 +349,9 @@ class TieredBackend:
     def recover(self, snapshot: str | None) -> dict[str, int]:
         """Back to the checkpoint's snapshot (cached records at other versions are dropped) and map the hot
         slab again."""
-        counts = self.store.revert(snapshot) if self.workers.leader else {}
+        counts = self.store.revert(snapshot) if self.workers.store_leader else {}
         self.workers.barrier()
-        self.experts = self.store.experts_client()
+        self.experts = self.store.experts_client(self.workers.hot_tier)
         self.model.use_expert_source(self.experts)
         self.history = AccessHistory(HISTORY_STEPS)
         self.incarnations = self.store.incarnations()
@@ -298,7 +363,7 @@ class TieredBackend:
     def prefetch(self, experts: dict[int, list[int]]) -> None:
         """Bring these experts (per MoE layer) toward the hot tier ahead of need, e.g. the group of a game a
         detector announced; counted as prefetch issued/used/wasted, never as demand."""
-        if self.workers.leader:
+        if self.workers.store_leader:
             for layer, ids in experts.items():
                 self.store.prefetch(layer, ids)
 

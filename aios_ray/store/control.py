@@ -26,7 +26,7 @@ from aios_ray.store.tiers import DramTier, HotTier, Item, NvmeAsLower
 class StoreControl(Protocol):
     layout: ExpertLayout
 
-    def experts_client(self) -> TieredExperts: ...
+    def experts_client(self, index: int = 0) -> TieredExperts: ...
     def keys(self) -> list[ExpertKey]: ...
     def seed(self, items: Sequence[Item]) -> None: ...
     def read_all(self, keys: Sequence[ExpertKey]) -> list[tuple[np.ndarray, int]]: ...
@@ -59,7 +59,8 @@ class LocalStore:
                                                   layout.numel))
         self.hot = HotTier(self.slab, layout, self.dram)
 
-    def experts_client(self) -> TieredExperts:
+    def experts_client(self, index: int = 0) -> TieredExperts:
+        """In one process there is one hot tier: ``index`` is always 0."""
         return TieredExperts(self.hot, self.slab, self.layout)
 
     def keys(self) -> list[ExpertKey]:

@@ -55,3 +55,20 @@ def experts_state_dict(model: HRMACTv1, keys: Sequence[ExpertKey],
         for weight in ("w_gate_up", "w_down"):
             out[f"{names[layer]}.{weight}"] = torch.stack([views[weight] for views in order])
     return out
+
+
+def records_to_tensors(keys: Sequence[ExpertKey], records: Sequence[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    """Full records as tensors for a safetensors file: ``<layer>.<expert>`` the flat record, ``versions`` the
+    (layer, expert, version) rows."""
+    tensors = {f"{key.layer}.{key.expert}": torch.from_numpy(np.array(flat, copy=True))
+               for key, (flat, _version) in zip(keys, records, strict=True)}
+    tensors["versions"] = torch.tensor([[key.layer, key.expert, version]
+                                        for key, (_flat, version) in zip(keys, records, strict=True)],
+                                       dtype=torch.int64).reshape(-1, 3)
+    return tensors
+
+
+def tensors_to_records(tensors: dict[str, torch.Tensor]) -> list[Item]:
+    """The records ``records_to_tensors`` wrote, as store items."""
+    return [(ExpertKey(int(layer), int(expert)), tensors[f"{int(layer)}.{int(expert)}"].numpy(), int(version))
+            for layer, expert, version in tensors["versions"].tolist()]

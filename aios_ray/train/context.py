@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from aios_ray.config import StoreConfig
+from aios_ray.store.backend import Workers
 from aios_ray.store.control import LocalStore, StoreControl
 from aios_ray.store.record import ExpertLayout
 
@@ -28,6 +29,7 @@ class WorkerContext(Protocol):
     def min_over_ranks(self, value: int) -> int: ...
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> StoreControl: ...
+    def workers(self, config: StoreConfig) -> Workers: ...
 
 
 class LocalContext:
@@ -65,6 +67,9 @@ class LocalContext:
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Path | None]:
         yield None
+
+    def workers(self, config: StoreConfig) -> Workers:
+        return Workers()
 
     def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> StoreControl:
         """Without Ray the same tier classes run in this process."""

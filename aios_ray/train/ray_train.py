@@ -24,6 +24,7 @@ from torch import nn
 
 from aios_ray.config import Config, StoreConfig
 from aios_ray.errors import UserError
+from aios_ray.store.backend import Workers
 from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import say
 from aios_ray.train.gauges import TrainGauges
@@ -39,6 +40,17 @@ class RayTrainContext:
         self.device = ray.train.torch.get_device()  # prepare: the worker's device
         self.run = run
         self.gauges: TrainGauges | None = None
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.local_rank, self.local_world_size = self._place_on_node()
+
+    def _place_on_node(self) -> tuple[int, int]:
+        """This worker's rank among the workers on its node, and how many there are. Told apart by Ray node id,
+        not by IP as Ray Train's own local rank is: simulated nodes (``ray.cluster_utils.Cluster``) share one IP."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return 0, 1
+        nodes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(nodes, self.node_id)
+        return nodes[:self.rank].count(self.node_id), nodes.count(self.node_id)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         # prepare: DDP only when there is more than one worker; the model is already on its device.
@@ -82,13 +94,26 @@ class RayTrainContext:
             say(f"resuming from Ray Train checkpoint {directory}")
             yield Path(directory)
 
+    def workers(self, config: StoreConfig) -> Workers:
+        return Workers(self.rank, self.world_size, self.local_rank, self.local_world_size,
+                       per_worker_hot_tier=config.hot_tier_per_worker)
+
     def open_expert_store(self, config: StoreConfig, layout: ExpertLayout) -> Any:
-        """The store's actors, found again by name or created on this node (where this worker maps the hot
-        slab), detached: they outlive a worker that Ray Train restarts, and ``fit_on_ray`` ends them when the
-        run ends."""
+        """This node's store: its actors found again by name or created on this node (where its workers map the
+        hot slabs), detached: they outlive a worker that Ray Train restarts, and ``fit_on_ray`` ends them when
+        the run ends. Workers on several nodes: one store per node, named after the node (a worker restarted on
+        a node without one creates it and rebuilds it from the checkpoint). Each worker first creates its own
+        hot tier (on its own GPU with per-worker tiers), then, once every worker has, finds all of its node's."""
         from actors.tier_actors import create_store
 
-        return create_store(config, layout, node_id=ray.get_runtime_context().get_node_id(), detached=True)
+        workers = self.workers(config)
+        node_id = self.node_id
+        if workers.nodes_many:
+            config = config.for_node(node_id)
+        cuda = gpu_uuid_name(self.device) if config.device == "cuda" else None
+        create_store(config, layout, node_id=node_id, detached=True, hot_tiers=[workers.hot_tier], cuda_device=cuda)
+        workers.barrier()
+        return create_store(config, layout, node_id=node_id, detached=True, hot_tiers=range(workers.hot_tiers))
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -133,13 +158,18 @@ def _inside_ray_job() -> bool:
 
 
 def _worker_resources(cfg: Config) -> dict[str, float]:
-    """One CPU; on GPUs with tiered experts, a GPU less the GPU cache actor's share, so that on a one-GPU
-    node the worker and the cache actor share that GPU (CUDA IPC needs the same device)."""
-    if cfg.cluster.use_gpu and cfg.store.tiered:
-        from actors.tier_actors import GPU_CACHE_SHARE
+    """One CPU (and one GPU with --use-gpu): a hot tier on a GPU takes no GPU from Ray; it is created by the
+    worker it serves and told to use that worker's GPU (``open_expert_store``)."""
+    return {"CPU": 1, "GPU": 1} if cfg.cluster.use_gpu else {"CPU": 1}
 
-        return {"CPU": 1, "GPU": 1 - GPU_CACHE_SHARE}
-    return {"CPU": 1}
+
+def gpu_uuid_name(device: torch.device) -> str:
+    """The worker's GPU as CUDA_VISIBLE_DEVICES names it for another process (``GPU-<uuid>``): an index would
+    mean another GPU in a process with another visible set."""
+    from aios_ray.store.slab import gpu_uuid
+
+    uuid = gpu_uuid(device)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[str, Any]:
