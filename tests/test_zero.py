@@ -13,7 +13,14 @@ from aios_ray.cli import main
 from aios_ray.config import Config
 from aios_ray.train.run import run_training
 from aios_ray.train.zero import STAGES, TEMPLATES, deepspeed_config
-from tests.helpers import PER_SEQUENCE_LOSS, debug_config, events, train_losses
+from tests.helpers import (
+    PER_SEQUENCE_LOSS,
+    assert_same_weights,
+    bundle_weights,
+    debug_config,
+    events,
+    train_losses,
+)
 
 TRAIN = {"steps": 4, "checkpoint_interval": 2, "eval_interval": 100, "expert_usage_interval": 100}
 
@@ -57,6 +64,29 @@ def test_combinations_zero_cannot_run_are_one_line_and_exit_2(tmp_path: Path, ca
     assert not any(tmp_path.iterdir())
 
 
+def test_flat_partitions_of_experts_are_stepped_as_the_stacked_experts():
+    """ZeRO hands ExpertSparseAdamW one flat (1-D) partition per group: the per-expert group then steps element by
+    element and must give the stacked tensor's per-expert result, an expert without tokens included (it stays put
+    while another moves). Tolerance: float noise of the other operation order, ~1e-7 measured."""
+    import torch
+
+    from aios_ray.train.optim import ExpertSparseAdamW
+
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(4, 3, 5))
+    flat = torch.nn.Parameter(stacked.detach().clone().flatten())
+    optimizers = [ExpertSparseAdamW([{"params": [p], "weight_decay": 0.1, "per_expert": True}], lr=0.01,
+                                    betas=(0.9, 0.95), eps=1e-8) for p in (stacked, flat)]
+    for step in range(4):
+        grad = torch.randn(4, 3, 5)
+        grad[step % 4] = 0  # one expert without tokens at each step, another each time
+        stacked.grad, flat.grad = grad.clone(), grad.clone().flatten()
+        for optimizer in optimizers:
+            optimizer.step()
+    torch.testing.assert_close(flat.detach().view(4, 3, 5), stacked.detach(), atol=1e-6, rtol=1e-6)
+    assert optimizers[1].state[flat]["step"].view(4, 15)[:, 0].tolist() == [3.0, 3.0, 3.0, 3.0]
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_local, tmp_path_factory):
     return run_training(_on_ray(tmp_path_factory.mktemp("zero2"), "zero2"))[0]
@@ -77,6 +107,8 @@ def test_zero2_on_two_workers_trains_as_ddp_and_writes_a_plain_bundle(zero2_run,
     for key in ("train_loss", "lm_loss", "grad_norm"):
         assert [e[key] for e in zero] == pytest.approx([e[key] for e in ddp], rel=1e-5), key
     root = Path(zero2_run.bundle_root)
+    # the weights after the last step too (experts a step left unchosen stay put under ZeRO as under DDP)
+    assert_same_weights(bundle_weights(root), bundle_weights(ddp_plan.bundle_root), atol=2e-5, rtol=1e-4)
     model = HRMACTv1(read_model_config(root))
     load_model_weights(model, root / "model.safetensors")  # full, plain weights: every key, every shape
     checkpoint = root / "checkpoints" / "step_00000004"

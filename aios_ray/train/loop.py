@@ -77,8 +77,8 @@ class Trainer:
                 resume=ResumePoint(source is not None, store_snapshot(source), expert_records(source)))
             self.optimizer = build_optimizer(self.model, tc)
             if own is not None:
-                self.state = load_training_state(own, optimizer_to_restore(own, self.optimizer, self.cfg),
-                                                 ctx.device, tc.batch_size)
+                restored = optimizer_to_restore(own, self.optimizer, self.cfg, chief=self.is_chief)
+                self.state = load_training_state(own, restored, ctx.device, tc.batch_size)
             self.independent = IndependentWorker(
                 self.model, self.cfg, data.train_tokens, data.dataset.get("sha256", ""), self.bundle.root, source,
                 ctx.rank, ctx.world_size) if self.cfg.cluster.parallel_independent else None

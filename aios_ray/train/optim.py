@@ -82,9 +82,38 @@ class ExpertSparseAdamW(torch.optim.Optimizer):
                 if not group["per_expert"]:
                     adamw_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
                     continue
+                if param.ndim == 1:  # ZeRO's flat partition of the group: the expert rows are gone
+                    masked_adamw_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                         **hyper)
+                    continue
                 for e in touched_experts(param.grad):
                     adamw_update_(param[e], param.grad[e], state["exp_avg"][e], state["exp_avg_sq"][e],
                                   state["step"][e:e + 1], **hyper)
+
+
+def masked_adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         step: torch.Tensor, lr: float, weight_decay: float, betas: tuple[float, float],
+                         eps: float) -> None:
+    """``adamw_update_`` on the elements whose gradient is not zero, each with its own step count (``step`` has
+    the shape of ``param``); the others keep their value and moments.
+
+    Why: under DeepSpeed ZeRO the optimizer sees each group as one flat partition, so the per-expert rule (step an
+    expert only when it received tokens) is applied per element. An expert that no token chose has an all-zero
+    gradient, so none of its elements moves, as without ZeRO; in one that received tokens every element has a
+    non-zero gradient in practice (an input feature that is exactly 0 for all its tokens would be needed)."""
+    touched = grad.ne(0)
+    if not bool(touched.any()):
+        return
+    beta1, beta2 = betas
+    step.add_(touched.to(step.dtype))
+    t = step.double().clamp(min=1)  # untouched elements that were never stepped: any value, the result is unused
+    bias1, bias2 = (1 - beta1**t).to(param.dtype), (1 - beta2**t).sqrt().to(param.dtype)
+    avg = exp_avg.lerp(grad, 1 - beta1)
+    avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    updated = param.mul(1 - lr * weight_decay).sub_(lr * avg / bias1 / (avg_sq.sqrt() / bias2 + eps))
+    param.copy_(torch.where(touched, updated, param))
+    exp_avg.copy_(torch.where(touched, avg, exp_avg))
+    exp_avg_sq.copy_(torch.where(touched, avg_sq, exp_avg_sq))
 
 
 def touched_experts(grad: torch.Tensor) -> list[int]:

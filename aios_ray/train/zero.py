@@ -174,8 +174,8 @@ def _written_with(checkpoint: Path) -> dict[str, Any]:
     return {"zero_stage": state.get("zero_stage", "none"), "zero_world_size": state.get("zero_world_size")}
 
 
-def optimizer_to_restore(checkpoint: Path, optimizer: torch.optim.Optimizer,
-                         cfg: Config) -> torch.optim.Optimizer | None:
+def optimizer_to_restore(checkpoint: Path, optimizer: torch.optim.Optimizer, cfg: Config,
+                         chief: bool = True) -> torch.optim.Optimizer | None:
     """The optimizer that takes the checkpoint's ``optimizer.safetensors``, or None when that file holds no
     optimizer state for it: the run is a ZeRO run (``ZeroStep.restore`` loads DeepSpeed's state), or the
     checkpoint was written by one (a run without ZeRO then resumes its weights and position, saying so)."""
@@ -184,8 +184,9 @@ def optimizer_to_restore(checkpoint: Path, optimizer: torch.optim.Optimizer,
     written = _written_with(checkpoint)["zero_stage"]
     if written == "none":
         return optimizer
-    say(f"warning: {checkpoint} was written with --zero-stage {written}: without --zero-stage only its weights, "
-        f"step and data position are resumed, with fresh optimizer moments")
+    if chief:
+        say(f"warning: {checkpoint} was written with --zero-stage {written}: without --zero-stage only its "
+            f"weights, step and data position are resumed, with fresh optimizer moments")
     return None
 
 
@@ -199,10 +200,8 @@ def open_zero(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, d
 
     if not cfg.cluster.verbose:
         deepspeed.utils.logger.setLevel(logging.WARNING)
-    for group in optimizer.param_groups:
-        # ZeRO hands the optimizer one flat partition per group, not the (experts, ...) tensors the per-expert
-        # step skips by row: under ZeRO experts are stepped as every other parameter (plain AdamW).
-        group["per_expert"] = False
+    # ZeRO hands the optimizer one flat partition per group instead of its (experts, ...) tensors: the per-expert
+    # group then steps element by element (``optim.masked_adamw_update_``), still leaving unchosen experts alone.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
                                            dist_init_required=False)
     zero = ZeroStep(engine, cfg, rank, world_size)
