@@ -8,7 +8,8 @@ metadata.json         cumulative steps, dataset history, eval history, timestamp
 training_args.json    the resolved Config of the latest run
 checkpoints/step_N/   model.safetensors, optimizer.safetensors, trainer_state.json
 ```
-Everything on disk is safetensors or JSON (never pickle). Every file is written to a temporary name,
+Everything on disk is safetensors or JSON (never pickle; but for DeepSpeed's own ``deepspeed/`` folder in the
+checkpoints of a ``--zero-stage`` run). Every file is written to a temporary name,
 fsynced and renamed; a checkpoint directory is complete before it gets its final name, and
 ``metadata.json``, which names the latest checkpoint, is written last.
 """

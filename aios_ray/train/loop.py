@@ -154,6 +154,8 @@ class Trainer:
     def _retreat_from_oom(self, exc: BaseException) -> None:
         """Halve the micro-batch (more accumulation, same effective batch) and try the step again."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.zero:  # the engine's own gradient buffers (ZeRO-2/3 partitions) hold the failed micro-batches' too
+            self.zero.zero_grad()
         gc.collect()
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,15 @@ def optimizer_to_restore(checkpoint: Path, optimizer: torch.optim.Optimizer, cfg
     return None
 
 
+def _quiet_deepspeed(logger: logging.Logger) -> None:
+    """DeepSpeed's INFO lines only with --verbose; its warnings always, but the one about the optimizer that is
+    not on its tested list (the loop's own AdamW, on purpose), and torch's deprecation notice for the collectives
+    DeepSpeed calls (one per worker and collective)."""
+    logger.setLevel(logging.WARNING)
+    logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def open_zero(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
               rank: int, world_size: int, resume_from: Path | None) -> ZeroStep | None:
     """The DeepSpeed engine for ``--zero-stage`` (None without it), restored from ``resume_from`` if given."""
@@ -199,7 +209,7 @@ def open_zero(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, d
     import deepspeed
 
     if not cfg.cluster.verbose:
-        deepspeed.utils.logger.setLevel(logging.WARNING)
+        _quiet_deepspeed(deepspeed.utils.logger)
     # ZeRO hands the optimizer one flat partition per group instead of its (experts, ...) tensors: the per-expert
     # group then steps element by element (``optim.masked_adamw_update_``), still leaving unchosen experts alone.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
