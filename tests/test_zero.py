@@ -87,6 +87,29 @@ def test_flat_partitions_of_experts_are_stepped_as_the_stacked_experts():
     assert optimizers[1].state[flat]["step"].view(4, 15)[:, 0].tolist() == [3.0, 3.0, 3.0, 3.0]
 
 
+def test_a_zero_checkpoint_resumed_without_zero_keeps_fresh_optimizer_moments(tmp_path: Path, capsys):
+    """The optimizer state of a ZeRO checkpoint is DeepSpeed's (in its deepspeed/ folder): a run without ZeRO takes
+    the weights, step and data position and says in one line that the moments start afresh; a ZeRO run leaves the
+    loop's optimizer to DeepSpeed, which loads its own state."""
+    import torch
+
+    from aios_ray.train.zero import optimizer_to_restore
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    plain, written = tmp_path / "plain", tmp_path / "zero"
+    for path, state in ((plain, {}), (written, {"zero_stage": "zero2", "zero_world_size": 2})):
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps({"trainer": {}, **state}))
+    none = debug_config(tmp_path / "none")
+    assert optimizer_to_restore(plain, optimizer, none) is optimizer
+    capsys.readouterr()
+    assert optimizer_to_restore(written, optimizer, none) is None
+    out = capsys.readouterr().out
+    assert "--zero-stage zero2" in out and "fresh optimizer moments" in out and out.count("\n") == 1
+    assert optimizer_to_restore(written, optimizer, none, chief=False) is None and not capsys.readouterr().out
+    assert optimizer_to_restore(plain, optimizer, _on_ray(tmp_path / "z", "zero2")) is None
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_local, tmp_path_factory):
     return run_training(_on_ray(tmp_path_factory.mktemp("zero2"), "zero2"))[0]
