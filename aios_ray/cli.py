@@ -12,6 +12,7 @@ from typing import Any
 
 from aios_ray.config import SECTIONS, Config, StoreConfig, build_section, load_yaml_config, merge
 from aios_ray.errors import UserError
+from aios_ray.experts.cli import add_commands as add_expert_commands
 from aios_ray.flow.settings import FlowSettings
 from aios_ray.rl.config import RLConfig
 from aios_ray.tune.settings import AutotuneConfig
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="list the orphans with their sizes, remove nothing")
     gc.add_argument("--store-path", help="only the slabs of this store (a run's expert_store directory)")
     gc.set_defaults(func=_cmd_store_gc)
+
+    add_expert_commands(commands, OneLineParser)  # experts ..., goals ..., goals-add ...
     return parser
 
 

@@ -17,3 +17,11 @@ class DataError(UserError):
 
 class BundleError(UserError):
     """A brain bundle or checkpoint that is missing, truncated or corrupt."""
+
+
+class RegistryError(UserError):
+    """An expert registry that is corrupt or not ours, an invalid expert id, or an unknown expert."""
+
+
+class GoalsError(UserError):
+    """A goals DB that is corrupt or not ours, an unknown goal id, or a link to an expert not in the registry."""

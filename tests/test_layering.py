@@ -51,6 +51,8 @@ def test_the_import_reader_sees_nested_and_relative_imports(tmp_path: Path):
 @pytest.mark.parametrize(("folder", "forbidden"), [
     ("store", ("ray", "aios_ray.train", "actors")),  # the store is a component: any training loop may use it
     ("model", ("ray", "aios_ray.train", "aios_ray.store", "actors", "aios_ray.tracking")),  # pure torch
+    # registry + goals DB: any tool (CLI, expert training, routing) builds on them; stdlib only, no torch either
+    ("experts", ("ray", "aios_ray.train", "aios_ray.store", "actors", "aios_ray.tracking", "torch")),
 ])
 def test_lower_layers_do_not_import_higher_ones(folder: str, forbidden: tuple[str, ...]):
     assert offenders(folder, forbidden) == {}
