@@ -102,6 +102,15 @@ def test_update_sets_fields_and_refuses_structure_and_wrong_types(registry: Expe
     assert registry.path.read_bytes() == before
 
 
+def test_modify_refuses_structure_and_wrong_types(registry: ExpertRegistry):
+    before = registry.path.read_bytes()
+    with pytest.raises(RegistryError, match="parent_expert_id cannot be changed"):
+        registry.modify("code", lambda entry: entry.update(parent_expert_id=None))
+    with pytest.raises(RegistryError, match="wrong type"):
+        registry.modify("code", lambda entry: entry.update(is_active=1))
+    assert registry.path.read_bytes() == before
+
+
 def test_upsert_adds_then_updates(registry: ExpertRegistry):
     registry.upsert("new", category="poetry")
     registry.upsert("new", is_frozen=True)
@@ -161,7 +170,7 @@ WRITER = textwrap.dedent("""
     sys.stdin.readline()  # start together
     for i in range(count):
         registry.add(f"{tag}-{i}", parent_expert_id="root" if i % 2 else None)
-        registry.update("root", total_activations=i)
+        registry.modify("root", lambda entry: entry.update(total_activations=entry["total_activations"] + 1))
 """)
 
 
@@ -181,6 +190,7 @@ def test_two_processes_writing_at_once_lose_no_entry(tmp_path: Path):
     assert reg.ids() == expected
     children = reg.get("root")["child_expert_ids"]
     assert sorted(children) == sorted(f"{tag}-{i}" for tag in ("a", "b") for i in range(1, count, 2))
+    assert reg.get("root")["total_activations"] == 2 * count  # modify() reads and writes in one critical section
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------

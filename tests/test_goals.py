@@ -4,6 +4,9 @@ a DB that is not ours, and the CLI with the seed's hyphenated spellings."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from aios_ray.errors import GoalsError, RegistryError
 from aios_ray.experts.goals import APPLICATION_ID, GoalsDB
 from aios_ray.experts.registry import ExpertRegistry
-from tests.test_experts_registry import run_cli, snapshot
+from tests.test_experts_registry import REPO, run_cli, snapshot
 
 
 @pytest.fixture
@@ -80,6 +83,33 @@ def test_linking_to_an_unknown_expert_or_goal_is_refused_and_changes_nothing(db:
         db.add("   ")
     assert snapshot(tmp_path) == before
     assert [g.text for g in db.list()] == ["exists"]
+
+
+GOAL_WRITER = textwrap.dedent("""
+    import sys
+    from aios_ray.experts.goals import GoalsDB
+    from aios_ray.experts.registry import ExpertRegistry
+    db = GoalsDB(sys.argv[1], ExpertRegistry(sys.argv[2]))
+    sys.stdin.readline()  # start together
+    for i in range(int(sys.argv[4])):
+        db.add(f"{sys.argv[3]} goal {i}", expert_id="code")
+""")
+
+
+def test_two_processes_adding_linked_goals_at_once_keep_db_and_registry_consistent(db: GoalsDB,
+                                                                                    registry: ExpertRegistry):
+    count = 15
+    procs = [subprocess.Popen([sys.executable, "-c", GOAL_WRITER, str(db.path), str(registry.path), tag, str(count)],
+                              cwd=REPO, stdin=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    goals = db.list_for_expert("code")
+    assert len(goals) == 2 * count
+    assert registry.get("code")["goals"] == [goal.goal_id for goal in goals]
 
 
 def _other_programs_db(path: Path) -> None:

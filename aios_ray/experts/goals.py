@@ -181,15 +181,15 @@ class GoalsDB:
 
     def _mirror(self, expert_ids: Iterable[str]) -> None:
         """Each expert's registry ``goals`` := the ids of its linked goals in the DB (experts no longer in the
-        registry are skipped)."""
+        registry are skipped). The DB is read with the registry's lock held: of two processes changing one
+        expert's links at once, the one that writes last has read the DB after both commits."""
         if self.registry is None:
             return
         present = self.registry.ids()
         for expert_id in expert_ids:
             if expert_id in present:
-                goal_ids = [goal.goal_id for goal in self.list_for_expert(expert_id)]
-                if self.registry.get(expert_id)["goals"] != goal_ids:
-                    self.registry.update(expert_id, goals=goal_ids)
+                self.registry.modify(expert_id, lambda entry, e=expert_id: entry.__setitem__(
+                    "goals", [goal.goal_id for goal in self.list_for_expert(e)]))
 
     # ---- connections ---------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -230,9 +230,23 @@ class ExpertRegistry:
             raise RegistryError(f"update of {expert_id!r}: {', '.join(refused)} cannot be changed")
         _check_fields(fields, self.path)
         self.get(expert_id)  # an unknown id fails before the lock file is created
+        return self.modify(expert_id, lambda entry: entry.update(copy.deepcopy(fields)))
+
+    def modify(self, expert_id: str, change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+        """Read-modify-write of one entry in one critical section: ``change(entry)`` edits the entry in place
+        with the lock held, so what it reads is current (e.g. adding a run's activations to
+        ``total_activations``, where ``update`` with a value read earlier would lose a concurrent run's count).
+        Changing the id or the hierarchy, or a field's type, is refused and nothing is written."""
+        validate_expert_id(expert_id)
+        self.get(expert_id)  # an unknown id fails before the lock file is created
         with self._mutating() as data:
             entry = _find(data, expert_id, self.path, live=True)
-            entry.update(copy.deepcopy(fields))
+            structure = {name: copy.deepcopy(entry[name]) for name in _STRUCTURAL}
+            change(entry)
+            moved = sorted(name for name, value in structure.items() if entry.get(name) != value)
+            if moved:
+                raise RegistryError(f"change of {expert_id!r}: {', '.join(moved)} cannot be changed")
+            _check_fields(entry, self.path)
         return copy.deepcopy(entry)
 
     def delete(self, expert_id: str, *, recursive: bool = False, remove_files: bool = True) -> list[str]:
