@@ -70,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
     evaluate.set_defaults(func=_cmd_eval)
 
+    generate = commands.add_parser("generate", help="continue a prompt with a brain bundle, streaming the text")
+    generate.add_argument("--model", required=True, help="brain bundle directory")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    generate.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0: all "
+                          "(default: 50)")
+    generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] "
+                          "(default: 0.95)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--goal", action="append", default=[], metavar="TEXT",
+                          help="route towards the experts of this goal (repeatable)")
+    generate.set_defaults(func=_cmd_generate)
+
+    export_hf = commands.add_parser("export-hf", help="write a brain bundle as a Hugging Face transformers model "
+                                    "directory (AutoModelForCausalLM after aios_ray.hf.register())")
+    export_hf.add_argument("--model", required=True, help="brain bundle directory")
+    export_hf.add_argument("--out", required=True, help="output directory")
+    export_hf.set_defaults(func=_cmd_export_hf)
+
     plot = commands.add_parser("plot", help="render a metrics JSONL to PNG (losses, halting, expert usage)")
     plot.add_argument("--log-file", required=True, help="metrics JSONL written by train")
     plot.add_argument("--out", help="PNG path (default: next to the log file, .png)")
@@ -279,6 +299,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loss, ppl, num_batches = evaluate_bundle(Path(args.model), args.eval_file, args.eval_batches, args.batch_size,
                                              args.ascii_only, args.amp)
     print(f"eval_loss={loss:.4f} ppl={ppl:.2f} batches={num_batches}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from aios_ray.generate import check_sampling, generate_text, load_brain
+
+    # Flags and prompt first: a bad value costs no model load.
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if not args.prompt:
+        raise UserError("--prompt is empty")
+    model, tokenizer, _ = load_brain(args.model)
+    for piece in generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               goals=args.goal):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from aios_ray.hf import export_hf
+
+    print(f"transformers model: {export_hf(args.model, args.out)}")
     return 0
 
 

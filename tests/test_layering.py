@@ -50,7 +50,9 @@ def test_the_import_reader_sees_nested_and_relative_imports(tmp_path: Path):
 
 @pytest.mark.parametrize(("folder", "forbidden"), [
     ("store", ("ray", "aios_ray.train", "actors")),  # the store is a component: any training loop may use it
-    ("model", ("ray", "aios_ray.train", "aios_ray.store", "actors", "aios_ray.tracking")),  # pure torch
+    ("model", ("ray", "aios_ray.train", "aios_ray.store", "actors", "aios_ray.tracking",
+               "transformers", "aios_ray.hf")),  # pure torch
+    ("hf", ("ray", "actors")),  # the transformers glue loads a bundle for inference, without a cluster
     # registry + goals DB: any tool (CLI, expert training, routing) builds on them; stdlib only, no torch either
     ("experts", ("ray", "aios_ray.train", "aios_ray.store", "actors", "aios_ray.tracking", "torch")),
 ])

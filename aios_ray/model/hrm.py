@@ -208,6 +208,19 @@ class HRMACTv1(nn.Module):
         lb = log.lb_loss.detach() if log.num_calls else zero
         return HRMOutput(lm_loss, lm_loss.detach(), zero, lb, steps, seg.logits, log)
 
+    @torch.no_grad()
+    def inference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, V) logits of the last of all ``halt_max_steps`` segments, as evaluation scores them;
+        no labels, no routing log (generation: ``aios_ray.generate`` and the ``transformers`` wrapper)."""
+        B, T = input_ids.shape
+        x, rope = self.embed_tokens(input_ids), self.rope(T)
+        carry, logits = self.initial_carry(B, T), None
+        for _ in range(self.cfg.halt_max_steps):
+            seg = self.segment(carry, x, rope, None, with_grad=False)
+            carry, logits = seg.carry, seg.logits
+        assert logits is not None
+        return logits
+
     def _forward_train(self, input_ids: torch.Tensor, labels: torch.Tensor) -> HRMOutput:
         cfg = self.cfg
         B, T = input_ids.shape
