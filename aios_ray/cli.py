@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 0.95)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     generate.add_argument("--goal", action="append", default=[], metavar="TEXT",
-                          help="route towards the experts of this goal (repeatable)")
+                          help="route towards the experts of this goal: its id or exact text in the goals DB "
+                               "(repeatable)")
+    generate.add_argument("--db", help="goals DB for --goal (default: $AIOS_ARTIFACTS or artifacts, + /aios.db)")
+    generate.add_argument("--goal-bias-strength", type=float, default=2.0,
+                          help="added to the router logits of the --goal experts (default: 2.0)")
     generate.set_defaults(func=_cmd_generate)
 
     export_hf = commands.add_parser("export-hf", help="write a brain bundle as a Hugging Face transformers model "
@@ -94,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--log-file", required=True, help="metrics JSONL written by train")
     plot.add_argument("--out", help="PNG path (default: next to the log file, .png)")
     plot.set_defaults(func=_cmd_plot)
+    report = commands.add_parser("report", help="write every PNG of a run (overview, expert usage) into a folder")
+    report.add_argument("run", metavar="RUN", help="a brain bundle (its metrics.jsonl) or a metrics JSONL")
+    report.add_argument("--out-dir", help="folder for the PNGs (default: <run's folder>/report)")
+    report.set_defaults(func=_cmd_report)
 
     rl = commands.add_parser("rl", help="sequential multi-game RL on RLlib (MoE agent, environment detector)")
     rl_commands = rl.add_subparsers(dest="rl_command", required=True, parser_class=OneLineParser)
@@ -156,7 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=_cmd_store_gc)
 
     add_expert_commands(commands, OneLineParser)  # experts ..., goals ..., goals-add ...
+    _add_attach_command(commands)
     return parser
+
+
+def _add_attach_command(commands: argparse._SubParsersAction) -> None:
+    """``experts attach``: registered here, not with the other ``experts`` commands, because it loads weights
+    (torch) and aios_ray.experts stays free of torch."""
+    experts = commands.choices["experts"]
+    sub = next(a for a in experts._actions if isinstance(a, argparse._SubParsersAction))
+    attach = sub.add_parser("attach", help="write a new brain: --model with the expert appended to every MoE layer",
+                            description="write a new brain: --model with the expert appended to every MoE layer")
+    attach.add_argument("--model", required=True, help="brain bundle directory (read only)")
+    attach.add_argument("--expert-id", required=True, metavar="ID", help="a registry expert with weights")
+    attach.add_argument("--out", help="the new brain bundle (default: <model>-<ID> next to it)")
+    attach.add_argument("--registry", help="expert registry JSON (default: $AIOS_ARTIFACTS or artifacts, "
+                        "+ /experts/registry.json)")
+    attach.set_defaults(func=_cmd_experts_attach)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -171,6 +195,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plan, summary = run_training(cfg)
     print(f"done: step {summary.get('step')}"
           + (f", eval_loss {summary['eval_loss']:.4f} (ppl {summary['ppl']:.2f})" if "eval_loss" in summary else ""))
+    if "expert_file" in summary:  # expert-only training
+        print(f"expert:       {summary['expert_file']} (eval_loss base {summary['eval_loss_base']:.4f}, before "
+              f"{summary['eval_loss_before']:.4f}, after {summary['eval_loss_after']:.4f})"
+              + (f"; linked to goal {summary['goal_id']}" if summary.get("goal_id") else ""))
     print(f"brain bundle: {plan.bundle_root}")
     print(f"metrics:      {plan.log_file}")
     return 0
@@ -312,7 +340,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_brain(args.model)
     for piece in generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               goals=args.goal):
+                               goals=args.goal, goals_db=args.db, goal_bias_strength=args.goal_bias_strength):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -326,11 +354,34 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from aios_ray.tracking.plots import plot_run
+    from aios_ray.tracking.plots import plot_expert_usage, plot_run
 
     log_file = Path(args.log_file)
     out = plot_run(log_file, Path(args.out) if args.out else log_file.with_suffix(".png"))
     print(f"plot: {out}")
+    usage = plot_expert_usage(log_file, out.with_name(f"{out.stem}_expert_usage.png"))
+    if usage:
+        print(f"plot: {usage}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from aios_ray.tracking.plots import render_report
+
+    run = Path(args.run)
+    log_file = run / "metrics.jsonl" if run.is_dir() else run
+    for path in render_report(log_file, Path(args.out_dir) if args.out_dir else log_file.parent / "report"):
+        print(path)
+    return 0
+
+
+def _cmd_experts_attach(args: argparse.Namespace) -> int:
+    from aios_ray.train.attach import attach_expert
+
+    done = attach_expert(args.model, args.expert_id, args.registry, args.out)
+    if done.note:
+        print(done.note)
+    print(f"attached {args.expert_id} as expert {done.index} of every MoE layer: {done.bundle}")
     return 0
 
 

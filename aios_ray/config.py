@@ -132,6 +132,16 @@ class TrainConfig:
     stop_file: str | None = _opt(None, "when this file appears, finish the current step, checkpoint and stop; "
                                        "default: <bundle>/STOP")
     seed: int = _opt(0, "seed for initialisation, data order and ACT exploration")
+    expert_id: str | None = _opt(None, "expert-only training: freeze the base brain --model, add this expert (or "
+                                       "continue it, if the registry has its weights) to every MoE layer and train "
+                                       "only it and its router row; writes <registry dir>/ID/expert.safetensors")
+    default_goal: str | None = _opt(None, "with --expert-id: link the expert to this goal in the goals DB (added "
+                                          "when no goal has this text)")
+    goal_bias_strength: float = _opt(0.0, "goal-aware routing: added to the router logits of the experts linked to "
+                                          "active goals of --db (0: off)")
+    goals_db: str | None = _opt(None, "goals DB; default: $AIOS_ARTIFACTS or artifacts, + /aios.db", flag="--db")
+    registry: str | None = _opt(None, "expert registry JSON; default: $AIOS_ARTIFACTS or artifacts, "
+                                      "+ /experts/registry.json")
     def __post_init__(self) -> None:
         for name in ("eval_interval", "steps", "batch_size", "grad_accum", "lr", "log_interval",
                      "expert_usage_interval", "checkpoint_interval", "keep_checkpoints", "tokenizer_vocab_size"):
@@ -145,6 +155,10 @@ class TrainConfig:
             raise ConfigError(f"--tokenizer-vocab-size must be >= 260 (256 bytes + specials), "
                               f"got {self.tokenizer_vocab_size}")
         _check_name("--brain-name", self.brain_name)
+        if not math.isfinite(self.goal_bias_strength):
+            raise ConfigError(f"--goal-bias-strength must be finite, got {self.goal_bias_strength}")
+        if self.default_goal is not None and not self.expert_id:
+            raise ConfigError("--default-goal needs --expert-id (the goal is linked to the expert being trained)")
 
 
 @dataclass

@@ -23,9 +23,11 @@ from tokenizers import Tokenizer
 
 from aios_ray.config import ModelConfig
 from aios_ray.data.tokenizer import eos_id, load_tokenizer
-from aios_ray.errors import ConfigError, UserError
+from aios_ray.errors import ConfigError
 from aios_ray.model.hrm import HRMACTv1
+from aios_ray.train.bundle import Bundle
 from aios_ray.train.evaluate import load_bundle_model
+from aios_ray.train.goal_routing import ATTACHED_EXPERTS, DEFAULT_GENERATE_STRENGTH, GoalBias, for_named_goals
 
 _REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character that is not complete yet
 
@@ -38,13 +40,24 @@ def load_brain(bundle: str | Path) -> tuple[HRMACTv1, Tokenizer, ModelConfig]:
     if tokenizer.get_vocab_size() > model.cfg.vocab_size:
         raise ConfigError(f"--model {root}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
                           f"{model.cfg.vocab_size}")
+    model.attached_experts = Bundle(root).metadata().get(ATTACHED_EXPERTS, {})  # for --goal (apply_goals)
     return model.eval(), tokenizer, model.cfg
 
 
-def apply_goals(model: HRMACTv1, goals: Sequence[str]) -> None:
-    """Steer routing towards the experts of ``goals``. Placeholder until goal-aware routing lands."""
-    if goals:
-        raise UserError("goal-aware routing is not wired yet (--goal)")
+def apply_goals(model: HRMACTv1, goals: Sequence[str], db: str | None = None,
+                strength: float = DEFAULT_GENERATE_STRENGTH) -> GoalBias | None:
+    """Steer routing towards the experts of ``goals`` (goal ids or exact texts of the goals DB ``db``): their
+    router logits get ``strength`` added in every MoE layer. No goals: no bias. The brain's registry experts come
+    from its metadata (``load_brain`` sets ``model.attached_experts``); an unknown goal, or one that links none of
+    them, is a GoalsError (one line, exit 2)."""
+    if not goals:
+        model.set_expert_bias(None)
+        return None
+    if not model.cfg.use_moe:
+        raise ConfigError("--goal steers MoE routing: this brain has no MoE layers")
+    bias = for_named_goals(list(goals), strength, db, getattr(model, "attached_experts", {}), model.cfg.num_experts)
+    model.set_expert_bias(bias.vector())
+    return bias
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -80,14 +93,15 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 def generate_tokens(model: HRMACTv1, ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.8,
                     top_k: int = 50, top_p: float = 0.95, seed: int = 0, eos: int | None = None,
-                    goals: Sequence[str] = ()) -> Iterator[int]:
+                    goals: Sequence[str] = (), goals_db: str | None = None,
+                    goal_bias_strength: float = DEFAULT_GENERATE_STRENGTH) -> Iterator[int]:
     """Yield each new token as soon as it is chosen. ``temperature`` 0 is greedy; ``seed`` makes sampling
     reproducible. The context the model sees is the last ``max_seq_len`` tokens of prompt + generated ones.
     Stops before ``eos`` (not yielded). Bad settings raise here, before the first token."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not ids:
         raise ConfigError("the prompt is empty: give at least one token")
-    apply_goals(model, goals)
+    apply_goals(model, goals, goals_db, goal_bias_strength)
     model.eval()  # capacity never drops a token in eval; every ACT segment runs
     return _token_stream(model, list(ids), max_new_tokens, temperature, top_k, top_p, seed, eos)
 
@@ -127,11 +141,13 @@ def decode_stream(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
 
 def generate_text(model: HRMACTv1, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 64,
                   temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, seed: int = 0,
-                  goals: Sequence[str] = ()) -> Iterator[str]:
+                  goals: Sequence[str] = (), goals_db: str | None = None,
+                  goal_bias_strength: float = DEFAULT_GENERATE_STRENGTH) -> Iterator[str]:
     """The prompt's continuation, piece by piece as it is generated (see ``generate_tokens``)."""
     if not prompt:
         raise ConfigError("--prompt is empty")
     ids = tokenizer.encode(prompt).ids
     tokens = generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, eos=eos_id(tokenizer), goals=goals)
+                             top_p=top_p, seed=seed, eos=eos_id(tokenizer), goals=goals, goals_db=goals_db,
+                             goal_bias_strength=goal_bias_strength)
     return decode_stream(tokenizer, tokens)

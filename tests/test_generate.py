@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_exit_2(bundle: Path, tmp_path: Path, capsys):
         ([*base, "--top-p", "0"], "--top-p must be in (0, 1]"),
         ([*base, "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         ([*base, "--max-new-tokens", "many"], "invalid int value"),
-        ([*base, "--goal", "arithmetic"], "goal-aware routing is not wired yet"),
+        ([*base, "--goal", "arithmetic", "--db", str(tmp_path / "no.db")], "unknown goal 'arithmetic'"),
         (["export-hf", "--model", str(corrupt), "--out", str(tmp_path / "hf")], "corrupt or truncated"),
     ]
     for argv, message in cases:

@@ -142,6 +142,15 @@ class HRMACTv1(nn.Module):
         for moe, group in zip(layers, per_layer, strict=True):
             moe.restrict_to(group)  # type: ignore[arg-type]
 
+    def set_expert_bias(self, bias: torch.Tensor | None) -> None:
+        """Goal-aware routing: add ``bias`` to every MoE layer's router logits (see ``MoEFeedForward.
+        set_expert_bias``): one (E,) vector for all layers, an (L, E) tensor with a row per MoE layer, or None."""
+        layers = self.moe_layers()
+        if bias is not None and bias.ndim == 2 and bias.shape[0] != len(layers):
+            raise ValueError(f"expert bias for {bias.shape[0]} layers, the model has {len(layers)} MoE layers")
+        for i, moe in enumerate(layers):
+            moe.set_expert_bias(None if bias is None else bias[i] if bias.ndim == 2 else bias)
+
     def use_expert_source(self, source: object) -> None:
         """Experts of every MoE layer come from a tiered store from now on (see aios_ray/store)."""
         for moe in self.moe_layers():

@@ -46,6 +46,7 @@ class MoEStats:
     prob_sum: torch.Tensor  # (E,) router probability summed over tokens
     num_tokens: int
     num_dropped: int  # (token, expert) assignments dropped for capacity
+    expert_bias: torch.Tensor | None = None  # (E,) the goal bias added to the router logits, None when off
 
 
 def _grouped_mm_available() -> bool:
@@ -64,6 +65,7 @@ class MoEFeedForward(nn.Module):
         self.layer_index = -1  # position among the model's MoE layers: the store's address of its experts
         self.expert_source: Any = None  # set by use_expert_source(): experts then live in a tiered store
         self.active_mask: torch.Tensor | None = None  # set by restrict_to(): the only experts the router may pick
+        self.expert_bias: torch.Tensor | None = None  # set by set_expert_bias(): goal-aware routing, not saved
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         # Expert weights stacked so the fast path can run one grouped matmul per projection.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_size))
@@ -96,6 +98,20 @@ class MoEFeedForward(nn.Module):
         mask[ids] = True
         self.active_mask = mask
 
+    def set_expert_bias(self, bias: torch.Tensor | None) -> None:
+        """Add ``bias`` (E,) to the router logits before top-k (and softmax), or nothing with None.
+
+        Why here and not in the data: goal-aware routing steers tokens towards the experts linked to active goals
+        without touching any weight, so the same brain serves every goal set. The bias is a plain attribute, not a
+        buffer: it is run state (which goals are active), never part of the saved weights.
+        """
+        if bias is None:
+            self.expert_bias = None
+            return
+        if bias.shape != (self.num_experts,):
+            raise ValueError(f"expert bias of shape {tuple(bias.shape)} for {self.num_experts} experts")
+        self.expert_bias = bias.detach().float().to(self.router.weight.device)
+
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_active)
 
@@ -109,6 +125,8 @@ class MoEFeedForward(nn.Module):
         """x: (N, C). The router always runs in fp32, whatever autocast says."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        if self.expert_bias is not None:
+            logits = logits + self.expert_bias.to(logits.device)
         if self.active_mask is not None:
             logits = logits.masked_fill(~self.active_mask.to(logits.device), float("-inf"))
         probs = logits.softmax(dim=-1)
@@ -161,6 +179,7 @@ class MoEFeedForward(nn.Module):
                 prob_sum=routing.probs.sum(dim=0),
                 num_tokens=flat.shape[0],
                 num_dropped=int((~routing.kept).sum()),
+                expert_bias=self.expert_bias,
             )
         stats.lb_loss = self.load_balance_loss(routing)
         return out.reshape(shape).to(x.dtype), stats

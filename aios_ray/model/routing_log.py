@@ -17,21 +17,27 @@ class LayerUsage:
     prob_sum: torch.Tensor  # (E,)
     total_tokens: int = 0
     dropped_tokens: int = 0
+    expert_bias: torch.Tensor | None = None  # (E,) goal bias of the latest call (constant within a run)
 
     def add(self, stats: MoEStats) -> None:
         self.token_counts += stats.token_counts.cpu()
         self.prob_sum += stats.prob_sum.float().cpu()
         self.total_tokens += stats.num_tokens
         self.dropped_tokens += stats.num_dropped
+        if stats.expert_bias is not None:
+            self.expert_bias = stats.expert_bias.cpu()
 
     def merge(self, other: LayerUsage) -> None:
         self.token_counts += other.token_counts
         self.prob_sum += other.prob_sum
         self.total_tokens += other.total_tokens
         self.dropped_tokens += other.dropped_tokens
+        if other.expert_bias is not None:
+            self.expert_bias = other.expert_bias
 
     def to_event(self, layer: str) -> dict:
         tokens = max(self.total_tokens, 1)
+        bias = {} if self.expert_bias is None else {"expert_bias": [round(b, 6) for b in self.expert_bias.tolist()]}
         return {
             "event": "expert_usage",
             "layer": layer,
@@ -39,6 +45,7 @@ class LayerUsage:
             "token_counts": [int(c) for c in self.token_counts.tolist()],
             "total_tokens": self.total_tokens,
             "dropped_tokens": self.dropped_tokens,
+            **bias,
         }
 
 
@@ -64,7 +71,7 @@ class RoutingLog:
                 self.usage[layer].merge(usage)
             else:
                 self.usage[layer] = LayerUsage(usage.token_counts.clone(), usage.prob_sum.clone(),
-                                               usage.total_tokens, usage.dropped_tokens)
+                                               usage.total_tokens, usage.dropped_tokens, usage.expert_bias)
 
     def events(self) -> list[dict]:
         return [self.usage[layer].to_event(layer) for layer in sorted(self.usage)]

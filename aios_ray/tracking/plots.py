@@ -136,3 +136,37 @@ def _plot_store(ax_hits, ax_stall, series: dict[str, dict[str, list[float]]]) ->
     ax_stall.legend(lines[0] + more[0], lines[1] + more[1])
     for ax in (ax_hits, ax_stall):
         ax.grid(alpha=0.3)
+
+
+def plot_expert_usage(log_file: Path, out: Path) -> Path | None:
+    """The expert-usage PNG: per MoE layer, each expert's share of the routed tokens over the run, experts with a
+    goal bias (``expert_bias`` in the events) drawn thick with their bias in the legend. None without MoE events."""
+    usage = [e for e in load_events(log_file) if e["event"] == "expert_usage"]
+    if not usage:
+        return None
+    layers = sorted({e["layer"] for e in usage})
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 3.2 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers, strict=True):
+        rows = [e for e in usage if e["layer"] == layer]
+        steps = [e["step"] for e in rows]
+        shares = np.array([np.array(e["token_counts"]) / max(sum(e["token_counts"]), 1) for e in rows])
+        bias = rows[-1].get("expert_bias") or [0.0] * shares.shape[1]
+        for expert in range(shares.shape[1]):
+            label = f"expert {expert}" + (f" (goal bias {bias[expert]:+g})" if bias[expert] else "")
+            ax.plot(steps, shares[:, expert], "o-", lw=3 if bias[expert] else 1.2, label=label)
+        ax.set(xlabel="step", ylabel="share of routed tokens", title=f"expert usage: layer {layer}", ylim=(0, 1))
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(log_file))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def render_report(log_file: Path, out_dir: Path) -> list[Path]:
+    """Every PNG of a run (``aios-ray report``): the overview of ``plot_run`` and the expert-usage PNG."""
+    written = [plot_run(log_file, out_dir / "overview.png")]
+    usage = plot_expert_usage(log_file, out_dir / "expert_usage.png")
+    return written + ([usage] if usage else [])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from aios_ray.data.dataset import BlockSampler, eval_batches
+from aios_ray.model.expert_surgery import freeze_all_but_expert
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
 from aios_ray.store.backend import ExpertBackend, ResumePoint, open_backend
@@ -71,6 +72,12 @@ class Trainer:
             own = own_checkpoint(source, ctx.rank) if self.cfg.cluster.parallel_independent else source
             if own is not None:
                 load_model_weights(self.model, own / MODEL_FILE)  # complete weights, experts included
+            elif plan.init_weights:  # expert-only training: the base brain + the new expert
+                load_model_weights(self.model, Path(plan.init_weights))
+            if plan.expert_index is not None:  # expert-only training: every other weight is frozen
+                freeze_all_but_expert(self.model, plan.expert_index)
+            if plan.goal_bias is not None:  # goal-aware routing (run state, never saved with the weights)
+                self.model.set_expert_bias(plan.goal_bias.vector().to(ctx.device))
             self.experts: ExpertBackend = open_backend(
                 self.model, self.cfg.store, ctx.open_expert_store, weight_decay=tc.weight_decay,
                 keep_checkpoints=tc.keep_checkpoints, workers=ctx.workers(self.cfg.store),
@@ -351,6 +358,8 @@ class Trainer:
                        world_size=self.ctx.world_size, config=self.cfg.to_dict(), bundle=self.plan.bundle_root)
         if self.independent:
             self.independent.announce(self.log, self.state.step)
+        if self.plan.goal_bias is not None:
+            self._announce_goal_bias()
         reopened = self.experts.reopened()
         if reopened is not None:  # said by each node's store leader: with several nodes, each has its story
             where = f"[rank {self.ctx.rank}] " if self.ctx.world_size > 1 else ""
@@ -363,6 +372,15 @@ class Trainer:
                     "dropped")
             self.log.write("store_reopen", step=self.state.step, **reopened)
         self.model.train()
+
+    def _announce_goal_bias(self) -> None:
+        bias = self.plan.goal_bias
+        assert bias is not None
+        self.log.write("goal_bias", step=self.state.step, **bias.event())
+        if self.is_chief:
+            held = ", ".join(f"{e} (expert {i})" for e, i in sorted(bias.experts.items())) or "none in this brain"
+            say(f"goal bias {bias.strength:+g} on the router logits of {held}"
+                + (f"; linked but not in this brain: {', '.join(bias.not_in_brain)}" if bias.not_in_brain else ""))
 
     def _next_round(self) -> None:
         self.state.round += 1

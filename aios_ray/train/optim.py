@@ -43,7 +43,9 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
     groups = [
         {"params": decay, "weight_decay": tc.weight_decay, "lr_scale": 1.0, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
-        {"params": router, "weight_decay": tc.weight_decay, "lr_scale": router_scale, "name": "router"},
+        # expert-only training: router rows step per expert too, so the frozen experts' rows keep their bits
+        {"params": router, "weight_decay": tc.weight_decay, "lr_scale": router_scale, "name": "router",
+         "per_expert": bool(tc.expert_id)},
         {"params": experts, "weight_decay": tc.weight_decay, "lr_scale": 1.0, "name": "experts",
          "per_expert": True},
     ]

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from aios_ray.config import Config
+from aios_ray.train.goal_routing import GoalBias
 
 
 @dataclass
@@ -33,3 +34,6 @@ class RunPlan:
     resume_from: str | None = None  # checkpoint directory
     metadata: dict[str, Any] = field(default_factory=dict)  # existing bundle metadata when resuming
     run_id: str = ""
+    init_weights: str | None = None  # a fresh run starts from these weights (expert-only training), not at random
+    expert_index: int | None = None  # expert-only training: the one expert (row of every MoE layer) that trains
+    goal_bias: GoalBias | None = None  # goal-aware routing, resolved from the goals DB on the driver

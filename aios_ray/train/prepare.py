@@ -22,6 +22,7 @@ from aios_ray.errors import BundleError, DataError
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.export import count_experts
 from aios_ray.train.bundle import MODEL_FILE, Bundle, is_bundle, load_model_weights, read_model_config
+from aios_ray.train.goal_routing import ATTACHED_EXPERTS, GoalBias, for_active_goals
 from aios_ray.train.independent import check_chunks
 from aios_ray.train.plan import RunPlan, TrainData
 
@@ -70,12 +71,23 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
         resume_from=str(checkpoint) if checkpoint else None,
         metadata=metadata,
         run_id=uuid.uuid4().hex,
+        goal_bias=_goal_bias(cfg, metadata),
     )
     data = TrainData(train_tokens, eval_tokens, tokenizer.to_str(), _describe(train_path, train_docs,
                                                                               train_tokens, eval_path))
     if cfg.cluster.parallel_independent:  # an unreadable or foreign chunk tracker is refused before any write
         check_chunks(cfg, bundle_root, train_tokens, data.dataset["sha256"])
     return plan, data
+
+
+def _goal_bias(cfg: Config, metadata: dict) -> GoalBias | None:
+    """--goal-bias-strength: the bias towards the experts of the active goals that this brain holds."""
+    if not cfg.train.goal_bias_strength:
+        return None
+    if not cfg.model.use_moe:
+        raise ConfigError("--goal-bias-strength biases MoE routers: this brain has none (--no-moe)")
+    return for_active_goals(cfg.train.goal_bias_strength, cfg.train.goals_db, metadata.get(ATTACHED_EXPERTS, {}),
+                            cfg.model.num_experts)
 
 
 def _resume_bundle(model: str | None) -> Bundle | None:

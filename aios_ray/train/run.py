@@ -14,6 +14,10 @@ from aios_ray.train.prepare import prepare_run
 
 
 def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
+    if cfg.train.expert_id:  # expert-only training: the same loop on a plan with one trainable expert
+        from aios_ray.train.expert_only import run_expert_training
+
+        return run_expert_training(cfg)
     plan, data = prepare_run(cfg)
     print(f"data: {len(data.train_tokens):,} training tokens"
           + (f", {len(data.eval_tokens):,} eval tokens" if data.eval_tokens is not None else "")
