@@ -155,6 +155,8 @@ BAD_INPUTS = {
         "--expert-id", "../escape"],
     "expert-only training without a base brain": lambda w: [
         "train", "--config", "debug", "--no-ray", "--dataset-file", str(w["data"]), "--expert-id", "x"],
+    "resume the expert brain as an ordinary run": lambda w: [
+        "train", "--config", "debug", "--no-ray", "--model", str(w["registry"].parent / "greek" / "brain")],
     "an empty default goal": lambda w: [
         "train", "--config", "debug", "--no-ray", "--model", str(w["base"]), "--dataset-file", str(w["data"]),
         "--expert-id", "x", "--default-goal", " "],
@@ -169,6 +171,7 @@ EXPECTED = {
     "generate with a goal whose experts the brain lacks": "links no expert of this brain",
     "an invalid expert id": "expert id '../escape'",
     "expert-only training without a base brain": "--expert-id needs --model",
+    "resume the expert brain as an ordinary run": "names no checkpoint",
     "an empty default goal": "--default-goal is empty",
 }
 

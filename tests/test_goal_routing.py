@@ -6,13 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import debug_config, events
 
 from aios_ray.config import ModelConfig
+from aios_ray.durable import atomic_write_json
 from aios_ray.errors import GoalsError
 from aios_ray.experts.goals import GoalsDB
 from aios_ray.experts.registry import ExpertRegistry
 from aios_ray.model.hrm import HRMACTv1
+from aios_ray.train.bundle import Bundle
 from aios_ray.train.goal_routing import for_active_goals, for_named_goals
+from aios_ray.train.run import run_training
 
 CFG = ModelConfig(vocab_size=64, max_seq_len=16, hidden_size=32, num_heads=2, h_layers=1, l_layers=1, h_cycles=1,
                   l_cycles=1, halt_max_steps=1, num_experts=6, num_experts_per_tok=2)
@@ -86,3 +90,30 @@ def test_active_goals_resolve_to_the_experts_this_brain_holds(tmp_path: Path):
         for_named_goals(["no such goal"], 2.0, str(db.path), attached, 8)
     with pytest.raises(GoalsError, match="links no expert of this brain"):
         for_named_goals(["other brain"], 2.0, str(db.path), attached, 8)
+
+
+def test_an_ordinary_run_biases_towards_the_active_goals_experts_it_holds(tmp_path: Path):
+    """A brain that holds registry expert 'law' at index 1 (as ``experts attach`` records it) trains on with the
+    bias of the DB's active goals: the goal_bias event at the start and expert_bias in every expert_usage event."""
+    registry = ExpertRegistry(tmp_path / "experts" / "registry.json")
+    registry.add("law")
+    registry.add("far")
+    db = GoalsDB(tmp_path / "aios.db", registry)
+    db.add("cite the statute", expert_id="law")
+    db.add("not in this brain", expert_id="far")
+    sample = Path(__file__).resolve().parents[1] / "aios_ray" / "data" / "sample" / "train.txt"
+    (tmp_path / "data.txt").write_text(sample.read_text(encoding="utf-8")[:30_000])
+    common = {"dataset_file": str(tmp_path / "data.txt"), "steps": 3, "eval_batches": 0}
+    plan, _ = run_training(debug_config(tmp_path, **common))
+    bundle = Bundle(Path(plan.bundle_root))
+    atomic_write_json(bundle.root / "metadata.json", {**bundle.metadata(), "attached_experts": {"law": 1}})
+
+    resumed = debug_config(tmp_path, model=None, **common, goal_bias_strength=1.5, goals_db=str(db.path),
+                           registry=str(registry.path))
+    resumed.train.model = str(bundle.root)
+    run_training(resumed)
+    (event,) = events(plan.log_file, "goal_bias")
+    assert event["experts"] == {"law": 1} and event["not_in_brain"] == ["far"] and event["strength"] == 1.5
+    assert event["bias"] == [0.0, 1.5, 0.0, 0.0]
+    usage = [e for e in events(plan.log_file, "expert_usage") if e["step"] > 3]
+    assert usage and all(e["expert_bias"] == [0.0, 1.5, 0.0, 0.0] for e in usage)

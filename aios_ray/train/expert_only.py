@@ -1,10 +1,11 @@
 """Expert-only training: ``aios-ray train --expert-id ID --model BASE --dataset-file F [--default-goal TEXT]``.
 
 The base brain is read, never written. The run trains a copy of it with one expert more in every MoE layer (index
-``E`` = the base's ``num_experts``): the *expert brain* ``<registry dir>/ID/brain/``, an ordinary bundle that
-``generate`` and ``eval`` take. Only the new expert's FFN rows and router rows train (``freeze_all_but_expert``;
-the optimizer steps them row by row, so every base row keeps its bits). The same training loop as any run: this
-module only prepares the plan (weights to start from, the trained index, the goal bias) and finishes it.
+``E`` = the base's ``num_experts``): the *expert brain* ``<registry dir>/ID/brain/``, a bundle that ``generate``
+and ``eval`` take (for inference: its checkpoints are dropped at the end). Only the new expert's FFN rows and
+router rows train (``freeze_all_but_expert``; the optimizer steps them row by row, so every base row keeps its
+bits). The same training loop as any run: this module only prepares the plan (weights to start from, the trained
+index, the goal bias) and finishes it.
 
 The new expert starts as a copy of each layer's most-used expert on the given data (FFN rows, router row x1.01):
 it then gets the tokens its source got from the first step, so it learns at once, and starts from a function the
@@ -34,7 +35,7 @@ from aios_ray.config import Config, ConfigError
 from aios_ray.data.dataset import eval_batches, tokenize_documents
 from aios_ray.data.text import read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer
-from aios_ray.durable import atomic_write_bytes
+from aios_ray.durable import atomic_write_bytes, atomic_write_json
 from aios_ray.errors import BundleError, RegistryError
 from aios_ray.experts.registry import CHECKPOINT_NAME, ExpertRegistry, utc_now, validate_expert_id
 from aios_ray.model.expert_surgery import append_expert, changed_base_tensors, expert_misfit, moe_prefixes, take_expert
@@ -264,10 +265,21 @@ def finish_expert_run(job: ExpertJob, plan: RunPlan, data: TrainData, default_go
         "base_num_experts": str(job.index), "num_layers": str(len(prefixes)),
         "hidden_size": str(cfg.model.hidden_size), "ffn_size": str(cfg.model.ffn_size)})
     (job.expert_dir / INIT_FILE).unlink(missing_ok=True)
+    _inference_only(Bundle(Path(plan.bundle_root)))
     registry = registry_at(registry_path)
     _record(registry, job, plan, data, losses)
     goal_id = _link_default_goal(goals_at(db, registry), default_goal, job.expert_id)
     return {"expert_file": str(path), "expert_brain": plan.bundle_root, "goal_id": goal_id, **losses}
+
+
+def _inference_only(brain: Bundle) -> None:
+    """The expert brain keeps its weights, not its checkpoints: their optimizer holds only the expert's rows, so
+    resuming it as an ordinary run could not work. Without a checkpoint, ``train --model`` on it says so in one
+    line; the expert trains on with ``--expert-id``."""
+    metadata = brain.metadata()
+    metadata.pop("latest_checkpoint", None)
+    atomic_write_json(brain.root / "metadata.json", metadata)
+    shutil.rmtree(brain.checkpoints, ignore_errors=True)
 
 
 def _record(registry: ExpertRegistry, job: ExpertJob, plan: RunPlan, data: TrainData,
