@@ -67,6 +67,7 @@ def test_expert_only_training_lowers_its_loss_and_keeps_every_base_bit(world, ca
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.1
     assert metrics["eval_loss_after"] < metrics["eval_loss_base"] - 0.1
     assert entry["checkpoint_path"] == "greek/expert.safetensors" and entry["goals"]
+    assert entry["total_activations"] > 0 and 0 < entry["avg_routing_weight"] < 1
 
     # The expert brain: every base tensor bit for bit, one expert more per MoE layer.
     brain = world["registry"].parent / "greek" / "brain"

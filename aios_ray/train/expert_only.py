@@ -41,6 +41,7 @@ from aios_ray.experts.registry import CHECKPOINT_NAME, ExpertRegistry, utc_now, 
 from aios_ray.model.expert_surgery import append_expert, changed_base_tensors, expert_misfit, moe_prefixes, take_expert
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.model.moe import MoEFeedForward
+from aios_ray.tracking.jsonl import read_metrics
 from aios_ray.train.bundle import (
     MODEL_FILE,
     Bundle,
@@ -301,6 +302,24 @@ def _record(registry: ExpertRegistry, job: ExpertJob, plan: RunPlan, data: Train
         registry.update(job.expert_id, training_datasets=[*history, dataset], **fields)
     else:
         registry.add(job.expert_id, training_datasets=[dataset], **fields)
+    routed, mean_prob = _usage(Path(plan.log_file), job.index)
+
+    def count(entry: dict[str, Any]) -> None:  # under the registry's lock: concurrent runs' counts add up
+        entry["total_activations"] += routed
+        entry["avg_routing_weight"] = round(mean_prob, 6)
+
+    registry.modify(job.expert_id, count)
+
+
+def _usage(log_file: Path, index: int) -> tuple[int, float]:
+    """(assignments routed to expert ``index``, its mean router probability) over this run's expert_usage events
+    (each covers the steps since the one before, so the counts add up to the run's)."""
+    logged = read_metrics(log_file) if log_file.is_file() else []
+    starts = [i for i, e in enumerate(logged) if e["event"] == "run_start"]  # a --log-file may hold earlier runs
+    usage = [e for e in logged[starts[-1] if starts else 0:] if e["event"] == "expert_usage"]
+    routed = sum(int(e["token_counts"][index]) for e in usage)
+    probs = [float(e["avg_routing_prob"][index]) for e in usage]
+    return routed, sum(probs) / len(probs) if probs else 0.0
 
 
 def _link_default_goal(goals: Any, text: str | None, expert_id: str) -> int | None:
