@@ -125,6 +125,27 @@ def test_attach_writes_a_new_brain_that_generates(world, capsys):
     assert main(["generate", "--model", str(out_dir), "--prompt", "gamma", "--max-new-tokens", "4", "--goal", "1",
                  "--db", str(world["db"])]) == 0
 
+    # On the expert's own text, the goal moves routing towards the attached expert by a measured margin.
+    from aios_ray.data.dataset import eval_batches, tokenize_documents
+    from aios_ray.generate import apply_goals
+
+    ids = tokenize_documents(tokenizer, [greek_text(5, 10)], None)
+    batch, _ = eval_batches(ids, cfg.max_seq_len, 8, 1)[0]
+
+    def share() -> float:
+        with torch.no_grad():
+            usage = model(batch, batch).routing.usage.values()
+        counts = sum(u.token_counts for u in usage)
+        return float(counts[4]) / float(counts.sum())
+
+    apply_goals(model, [])
+    plain_share = share()
+    apply_goals(model, ["Greek letters"], str(world["db"]), 2.0)
+    goal_share = share()
+    print(f"attached expert's share of the routed assignments on its text: {plain_share:.3f} without the goal, "
+          f"{goal_share:.3f} with --goal (bias +2.0)")
+    assert goal_share >= plain_share + 0.05
+
 
 def _wrong_shape_expert(world: dict[str, Path]) -> str:
     """A registry expert whose FFN is twice as wide as the brain's."""
