@@ -26,6 +26,10 @@ def _opt(default: Any, help: str, flag: str | None = None, cli: bool = True, neg
     return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "negative": negative})
 
 
+# The model_type in a bundle's config.json: ``aios_ray.hf.register()`` registers the model under it with transformers.
+BUNDLE_MODEL_TYPE = "aios_hrm_actv1"
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the HRM ACTv1 language model (saved as the bundle's ``config.json``)."""

@@ -16,11 +16,11 @@ import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from aios_ray.config import ModelConfig
+from aios_ray.config import BUNDLE_MODEL_TYPE, ModelConfig
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.model.layers import RotaryEmbedding
 
-MODEL_TYPE = "aios_hrm_actv1"
+MODEL_TYPE = BUNDLE_MODEL_TYPE  # a bundle's config.json names it: the bundle loads with AutoModelForCausalLM
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 

@@ -18,7 +18,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from aios_ray.config import ConfigError
@@ -32,6 +31,7 @@ from aios_ray.train.bundle import (
     Bundle,
     is_bundle,
     load_model_weights,
+    model_config_json,
     now,
     read_model_config,
     save_tensors,
@@ -88,7 +88,7 @@ def _write_bundle(source: Path, target: Path, cfg, state, metadata: dict) -> Non
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
-        atomic_write_json(tmp / "config.json", asdict(cfg))
+        atomic_write_json(tmp / "config.json", model_config_json(cfg))
         shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
         if (source / "training_args.json").is_file():
             shutil.copyfile(source / "training_args.json", tmp / "training_args.json")

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from aios_ray.config import ModelConfig
+from aios_ray.config import BUNDLE_MODEL_TYPE, ModelConfig
 from aios_ray.durable import atomic_write_bytes, atomic_write_json
 from aios_ray.errors import BundleError
 
@@ -81,8 +81,17 @@ def load_model_weights(model: torch.nn.Module, path: Path, skip_experts: bool = 
     model.load_state_dict(state)
 
 
+def model_config_json(config: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    """A bundle's config.json: the ModelConfig fields, and the ``model_type`` under which ``aios_ray.hf.register()``
+    registers the model with ``transformers`` (so ``AutoModelForCausalLM.from_pretrained(bundle)`` loads it)."""
+    fields = asdict(config) if isinstance(config, ModelConfig) else dict(config)
+    return {"model_type": BUNDLE_MODEL_TYPE, **fields}
+
+
 def read_model_config(root: Path) -> ModelConfig:
     data = read_json(root / "config.json")
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "model_type"}  # transformers' key; bundles before it lack it
     try:
         return ModelConfig(**data)
     except (TypeError, ValueError) as exc:
@@ -151,7 +160,7 @@ class Bundle:
     def write_header(self, model_config: dict[str, Any], tokenizer_json: str,
                      training_args: dict[str, Any]) -> None:
         """The run-independent files: architecture, tokenizer and the resolved config of this run."""
-        atomic_write_json(self.root / "config.json", model_config)
+        atomic_write_json(self.root / "config.json", model_config_json(model_config))
         atomic_write_bytes(self.root / "tokenizer.json", tokenizer_json.encode("utf-8"))
         atomic_write_json(self.root / "training_args.json", training_args)
 
