@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aios_ray.config import SECTIONS, Config, StoreConfig, build_section, load_yaml_config, merge
+from aios_ray.data.cli import add_commands as add_data_commands
 from aios_ray.errors import UserError
 from aios_ray.experts.cli import add_commands as add_expert_commands
 from aios_ray.flow.settings import FlowSettings
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=_cmd_store_gc)
 
     add_expert_commands(commands, OneLineParser)  # experts ..., goals ..., goals-add ...
+    add_data_commands(commands, OneLineParser)  # data prepare
     _add_attach_command(commands)
     return parser
 

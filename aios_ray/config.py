@@ -109,6 +109,16 @@ class TrainConfig:
     tokenizer_vocab_size: int = _opt(4096, "vocabulary size of the BPE trained when no tokenizer is given")
     dataset_file: str | None = _opt(None, ".txt, .jsonl (a 'text' field per line) or a folder of them; "
                                           "default: the shipped sample corpus")
+    data: str | None = _opt(None, "a directory written by `aios-ray data prepare`: each worker streams its own Parquet "
+                                  "shards of token blocks (memory bounded by one shard + one prefetched, not by "
+                                  "the corpus); instead of --dataset-file")
+    use_chunked_training: bool = _opt(False, "stream the training data in chunks: --dataset-file is prepared into "
+                                             "Parquet shards of --dataset-chunk-size blocks (once; cached by content "
+                                             "hash under <bundle-dir>/../datasets) and trained as with --data; each "
+                                             "batch then runs in micro-batches of at most --chunk-size tokens")
+    chunk_size: int = _opt(2048, "with --use-chunked-training (or --data): tokens per micro-batch (batch_size x "
+                                 "max_seq_len is cut into micro-batches of at most this many tokens, gradients "
+                                 "accumulated): less activation memory, the same step")
     ascii_only: bool = _opt(False, "drop non-ASCII characters from the training and eval text")
     eval_file: str | None = _opt(None, "held-out text for evaluation; default: the sample corpus' eval split "
                                        "when training on the sample corpus, otherwise none")
@@ -155,6 +165,9 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _positive("chunk_size", self.chunk_size)
+        if self.data and self.dataset_file:
+            raise ConfigError("--data (a prepared directory) and --dataset-file are two sources: give one")
         if self.tokenizer_vocab_size < 260:
             raise ConfigError(f"--tokenizer-vocab-size must be >= 260 (256 bytes + specials), "
                               f"got {self.tokenizer_vocab_size}")
@@ -266,8 +279,10 @@ class ClusterConfig:
                                               "chunks); the workers' weights are merged into the bundle at the end. "
                                               "--ddp (the default) all-reduces gradients instead",
                                        negative="--ddp")
-    dataset_chunk_size: int = _opt(256, "--parallel-independent: training sequences per dataset chunk (the unit "
-                                        "a worker claims, and the chunk tracker records when finished)")
+    dataset_chunk_size: int = _opt(256, "training sequences per dataset chunk: with --parallel-independent the "
+                                        "unit a worker claims (the chunk tracker records it when finished); with "
+                                        "`data prepare` / --use-chunked-training the blocks per Parquet shard, the "
+                                        "unit a worker streams")
     zero_stage: str = _opt("none", "DeepSpeed ZeRO through Ray Train: none|zero1|zero2|zero3 (configs in "
                                    "configs/deepspeed/); gloo on CPU, nccl on GPU")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from aios_ray.data.dataset import BlockSampler, eval_batches
+from aios_ray.data.dataset import eval_batches
 from aios_ray.model.expert_surgery import freeze_all_but_expert
 from aios_ray.model.hrm import HRMACTv1, count_parameters
 from aios_ray.model.routing_log import RoutingLog
@@ -41,6 +41,7 @@ from aios_ray.train.evaluate import evaluate_loss
 from aios_ray.train.independent import IndependentWorker, own_checkpoint
 from aios_ray.train.optim import build_optimizer, lr_at
 from aios_ray.train.plan import RunPlan, TrainData
+from aios_ray.train.stream_data import first_micro_batch, training_sampler
 from aios_ray.train.zero import DEEPSPEED_DIR, open_zero, optimizer_to_restore
 
 
@@ -63,7 +64,7 @@ class Trainer:
         self.is_chief = ctx.rank == 0
         torch.manual_seed(tc.seed)
         self.model = HRMACTv1(self.cfg.model).to(ctx.device)
-        self.state = TrainerState(micro_batch=tc.batch_size)
+        self.state = TrainerState(micro_batch=first_micro_batch(self.cfg))
         self.bundle = Bundle(Path(plan.bundle_root))
         with self.ctx.restored_checkpoint() as ray_checkpoint:
             source = resume_source(ray_checkpoint, self.bundle, plan.run_id, plan.resume_from,
@@ -96,8 +97,8 @@ class Trainer:
         # --parallel-independent exchanges no gradients: no DDP wrap, and each worker draws from its own chunks
         self.train_model = self.model if self.independent else self.zero.engine if self.zero \
             else ctx.wrap_model(self.model)
-        self.sampler = self.independent.sampler if self.independent else BlockSampler(
-            data.train_tokens, self.cfg.model.max_seq_len, tc.batch_size, tc.seed, ctx.rank, ctx.world_size,
+        self.sampler = self.independent.sampler if self.independent else training_sampler(
+            data, self.cfg.model.max_seq_len, tc.batch_size, tc.seed, ctx.rank, ctx.world_size,
             self.state.sampler)
         self.eval_data = (eval_batches(data.eval_tokens, self.cfg.model.max_seq_len, tc.batch_size,
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches

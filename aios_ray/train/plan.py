@@ -19,6 +19,7 @@ class TrainData:
     eval_tokens: np.ndarray | None
     tokenizer_json: str
     dataset: dict[str, Any]  # description recorded in the bundle's dataset history
+    shards: str | None = None  # --data: a prepared directory the workers stream (train_tokens is then empty)
 
 
 @dataclass

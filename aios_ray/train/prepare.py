@@ -29,6 +29,10 @@ from aios_ray.train.plan import RunPlan, TrainData
 
 def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
     tc = cfg.train
+    if tc.data or tc.use_chunked_training:  # streamed from Parquet shards: nothing tokenised here
+        from aios_ray.train.stream_data import prepare_streamed_run
+
+        return prepare_streamed_run(cfg)
     resume = _resume_bundle(tc.model)
     train_path = tc.dataset_file or str(SAMPLE_TRAIN)
     train_docs = read_documents(train_path, "--dataset-file", tc.ascii_only)

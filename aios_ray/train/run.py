@@ -19,7 +19,8 @@ def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
 
         return run_expert_training(cfg)
     plan, data = prepare_run(cfg)
-    print(f"data: {len(data.train_tokens):,} training tokens"
+    print((f"data: {data.dataset['train_blocks']:,} training blocks streamed from {data.shards}" if data.shards
+           else f"data: {len(data.train_tokens):,} training tokens")
           + (f", {len(data.eval_tokens):,} eval tokens" if data.eval_tokens is not None else "")
           + f"; vocabulary {plan.config.model.vocab_size}; bundle {plan.bundle_root}", flush=True)
     summary = run_plan(plan, data)
