@@ -16,6 +16,7 @@ from aios_ray.errors import UserError
 from aios_ray.experts.cli import add_commands as add_expert_commands
 from aios_ray.flow.settings import FlowSettings
 from aios_ray.rl.config import RLConfig
+from aios_ray.seed_flags import add_seed_flags, seed_train_flags
 from aios_ray.tune.settings import AutotuneConfig
 from aios_ray.tune.space import SearchSpace
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_expert_commands(commands, OneLineParser)  # experts ..., goals ..., goals-add ...
     add_data_commands(commands, OneLineParser)  # data prepare
     _add_attach_command(commands)
+    add_seed_flags(parser)  # the seed documents' spellings: aliases, pass-throughs, one-line answers
     return parser
 
 
@@ -213,7 +215,7 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     cfg = build_section(AutotuneConfig, sections.get("autotune", {}), "flags")
     space = build_section(SearchSpace, sections.get("space", {}), "flags")
     preset = ["--config", args.config] if args.config else []
-    train_argv = ["train", *preset, *_split_flags("--train-args", args.train_args)]
+    train_argv = ["train", *preset, *_split_flags("--train-args", args.train_args), *seed_train_flags(args)]
     for flag, value in (("--dataset-file", args.dataset_file), ("--eval-file", args.eval_file),
                         ("--eval-batches", args.eval_batches)):
         if value is not None:
@@ -236,7 +238,8 @@ def _cmd_flow_hrm_train(args: argparse.Namespace) -> int:
     from aios_ray.flow.hrm_train import FlowFailed, run_hrm_train
 
     settings = build_section(FlowSettings, _sections(args).get("flow", {}), "flags")
-    base = config_from_args(build_parser().parse_args(["train", *_split_flags("--train-args", args.train_args)]))
+    base = config_from_args(build_parser().parse_args(["train", *_split_flags("--train-args", args.train_args),
+                                                       *seed_train_flags(args)]))
     try:
         summary = run_hrm_train(settings, base, _flow_autotune(args))
     except FlowFailed as exc:

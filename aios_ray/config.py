@@ -28,6 +28,8 @@ def _opt(default: Any, help: str, flag: str | None = None, cli: bool = True, neg
 
 # The model_type in a bundle's config.json: ``aios_ray.hf.register()`` registers the model under it with transformers.
 BUNDLE_MODEL_TYPE = "aios_hrm_actv1"
+POS_ENCODINGS = ("rope", "learned", "none")
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -65,6 +67,14 @@ class ModelConfig:
                                      "matmul with variable group sizes); --moe-capacity-factor is then unused")
     moe_lb_coef: float = _opt(0.01, "weight of the Switch load-balance loss (summed over every MoE call)")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward to save memory")
+    pos_encodings: str = _opt("rope", "positions: 'rope' (rotary, in attention), 'learned' (a max_seq_len x hidden "
+                                      "table added to the token embeddings) or 'none'")
+    window_size: int = _opt(0, "sliding-window causal attention: each token attends to at most the last W tokens, "
+                               "itself included (0: full causal)")
+    use_flash_attn: bool = _opt(False, "PyTorch SDPA's flash kernel where the device has it (CUDA, bf16/fp16, no "
+                                       "--window-size); elsewhere SDPA's default, with a one-line notice")
+    model_dtype: str = _opt("fp32", "parameter dtype the model is built, trained and saved in: fp32|bf16|fp16 "
+                                    "(the optimizer keeps fp32 master weights and moments; fp16 needs --use-gpu)")
 
     def __post_init__(self) -> None:
         for name in ("max_seq_len", "hidden_size", "num_heads", "h_layers", "l_layers", "h_cycles",
@@ -74,7 +84,13 @@ class ModelConfig:
             raise ConfigError(f"vocab_size must be >= 0, got {self.vocab_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
+        if self.pos_encodings not in POS_ENCODINGS:
+            raise ConfigError(f"--pos-encodings {self.pos_encodings!r}: expected one of {'|'.join(POS_ENCODINGS)}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"--model-dtype {self.model_dtype!r}: expected one of {'|'.join(MODEL_DTYPES)}")
+        if self.window_size < 0:
+            raise ConfigError(f"--window-size must be >= 0 (0: full causal), got {self.window_size}")
+        if self.pos_encodings == "rope" and (self.hidden_size // self.num_heads) % 2:
             raise ConfigError(f"head size {self.hidden_size // self.num_heads} must be even for RoPE")
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(f"--num-experts-per-tok {self.num_experts_per_tok} exceeds "
@@ -134,6 +150,8 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     auto_adjust_lr: bool = _opt(True, "MoE stability: routers learn at lr * 0.1")
     amp: bool = _opt(False, "bf16 autocast for the forward pass (router and losses stay fp32)")
+    use_8bit_optimizer: bool = _opt(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes installed; not a "
+                                           "dependency): less optimizer memory, but every expert steps every step")
     log_file: str | None = _opt(None, "metrics JSONL; default: <bundle>/metrics.jsonl")
     log_interval: int = _opt(10, "steps between progress lines")
     expert_usage_interval: int = _opt(50, "steps between expert_usage events in the metrics log")
@@ -268,6 +286,8 @@ class ClusterConfig:
                                      "local embedded Ray")
     num_workers: int = _opt(1, "Ray Train workers; > 1 trains data-parallel (DDP, gloo on CPU, nccl on GPU)")
     use_gpu: bool = _opt(False, "one GPU per worker")
+    cuda_ids: str | None = _opt(None, "GPUs the local embedded Ray may use, e.g. 0,1 (of those visible): implies "
+                                      "--use-gpu and, with --num-workers left at 1, one worker per id")
     use_ray: bool = _opt(True, "run on Ray Train (--no-ray: the same training function in this process)",
                          flag="--ray")
     storage_path: str | None = _opt(None, "Ray Train storage for reported checkpoints; default: "
@@ -287,6 +307,8 @@ class ClusterConfig:
                                    "configs/deepspeed/); gloo on CPU, nccl on GPU")
 
     def __post_init__(self) -> None:
+        if self.cuda_ids is not None:
+            self._select_gpus()
         _positive("num_workers", self.num_workers)
         _positive("dataset_chunk_size", self.dataset_chunk_size)
         if self.zero_stage not in ZERO_STAGES:
@@ -294,6 +316,25 @@ class ClusterConfig:
         if self.parallel_independent and self.zero_stage != "none":
             raise ConfigError("--parallel-independent exchanges no gradients, so there is nothing for ZeRO to "
                               "partition: use --ddp with --zero-stage")
+
+    @property
+    def gpu_ids(self) -> list[int]:
+        """--cuda-ids as integers (validated in ``__post_init__``)."""
+        return [int(part) for part in (self.cuda_ids or "").split(",") if part.strip()]
+
+    def _select_gpus(self) -> None:
+        """--cuda-ids: the local Ray's GPUs; a cluster's GPUs are its own resources, not picked by index here."""
+        if self.address:
+            raise ConfigError(f"--cuda-ids {self.cuda_ids} picks GPUs of the local embedded Ray; on a cluster "
+                              "(--address) Ray places workers on the cluster's GPUs: use --use-gpu --num-workers N")
+        parts = [part.strip() for part in self.cuda_ids.split(",")] if self.cuda_ids else []
+        if not parts or not all(part.isdigit() for part in parts):
+            raise ConfigError(f"--cuda-ids {self.cuda_ids!r}: expected comma-separated GPU indices >= 0, e.g. 0,1")
+        if len(set(map(int, parts))) != len(parts):
+            raise ConfigError(f"--cuda-ids {self.cuda_ids!r}: an index is given twice")
+        self.use_gpu = True
+        if self.num_workers == 1:  # the seed's --cuda-ids alone meant one worker per listed GPU
+            self.num_workers = len(parts)
 
 
 @dataclass
@@ -343,6 +384,27 @@ class Config:
                               "its own store; use --ddp")
         if self.cluster.zero_stage != "none":
             self._check_zero()
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """--model-dtype and --use-8bit-optimizer against where and how the run trains."""
+        low = self.model.model_dtype != "fp32"
+        if self.model.model_dtype == "fp16" and not self.cluster.use_gpu:
+            raise ConfigError("--model-dtype fp16 needs --use-gpu: on CPU fp16 weights train slowly and, without "
+                              "loss scaling, lose small gradients; use --model-dtype bf16")
+        if low and (self.store.tiered or self.cluster.zero_stage != "none"):
+            raise ConfigError(f"--model-dtype {self.model.model_dtype} keeps fp32 master weights in this project's "
+                              "optimizer, which --experts tiered and --zero-stage replace: use fp32 (with --amp) there")
+        if not self.train.use_8bit_optimizer:
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--use-8bit-optimizer needs bitsandbytes, which is not installed (nor a dependency of "
+                              "aios-ray): pip install bitsandbytes, or drop the flag")
+        if self.store.tiered or self.cluster.zero_stage != "none" or self.train.expert_id or low:
+            raise ConfigError("--use-8bit-optimizer replaces the per-expert AdamW that --experts tiered, "
+                              "--zero-stage, --expert-id and --model-dtype bf16/fp16 rely on: drop one of them")
 
     def _check_zero(self) -> None:
         """ZeRO partitions the model's own parameters and optimizer state across data-parallel workers."""

@@ -33,7 +33,8 @@ from aios_ray.model.layers import CausalSelfAttention, RotaryEmbedding, SwiGLU, 
 from aios_ray.model.moe import MoEFeedForward, MoEStats
 from aios_ray.model.routing_log import RoutingLog
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # None: --pos-encodings learned|none
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --model-dtype
 
 
 class Block(nn.Module):
@@ -41,7 +42,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe_impl: str = "fast") -> None:
         super().__init__()
-        self.attn = CausalSelfAttention(cfg.hidden_size, cfg.num_heads)
+        self.attn = CausalSelfAttention(cfg.hidden_size, cfg.num_heads, cfg.window_size, cfg.use_flash_attn)
         self.ffn: nn.Module
         if cfg.use_moe:
             self.ffn = MoEFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.num_experts_per_tok,
@@ -116,7 +117,9 @@ class HRMACTv1(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, C)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         self.q_head = nn.Linear(C, 2, bias=True)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # buffers only, never saved
+        # --pos-encodings learned: one trained vector per position, added to the token embeddings
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.pos_encodings == "learned" else None
         self.H_level = ReasoningModule(cfg, cfg.h_layers, "H", moe_impl)
         self.L_level = ReasoningModule(cfg, cfg.l_layers, "L", moe_impl)
         # Fixed random initial states (HRM): part of the model, saved with it.
@@ -125,6 +128,9 @@ class HRMACTv1(nn.Module):
         self._init_weights()
         for index, moe in enumerate(self.moe_layers()):
             moe.layer_index = index
+        # --model-dtype: every construction site (training, eval, attach, export) builds the same dtype, and the
+        # saved tensors keep it; the RoPE tables are cast back to x.dtype at use anyway.
+        self.to(DTYPES[cfg.model_dtype])
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
@@ -159,6 +165,8 @@ class HRMACTv1(nn.Module):
     def _init_weights(self) -> None:
         C = self.cfg.hidden_size
         trunc_normal_(self.embed.weight, std=1.0 / self.embed_scale)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed.weight, std=1.0 / self.embed_scale)
         trunc_normal_(self.lm_head.weight, std=C**-0.5)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module not in (self.lm_head, self.q_head):
@@ -193,7 +201,14 @@ class HRMACTv1(nn.Module):
         return Segment(Carry(z_H.detach(), z_L.detach()), logits, q[:, 0], q[:, 1])
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids) * self.embed_scale
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return x * self.embed_scale
+
+    def positions(self, seq_len: int) -> Rope:
+        """The RoPE tables for ``seq_len`` tokens, or None where positions are not rotary."""
+        return self.rope(seq_len) if self.cfg.pos_encodings == "rope" else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> HRMOutput:
         """input_ids, labels: (B, T) with labels[:, t] == the token after input_ids[:, t]."""
@@ -204,7 +219,7 @@ class HRMACTv1(nn.Module):
     def _forward_eval(self, input_ids: torch.Tensor, labels: torch.Tensor) -> HRMOutput:
         """Evaluation always runs all ``halt_max_steps`` segments and scores the last one."""
         B, T = input_ids.shape
-        x, rope, log = self.embed_tokens(input_ids), self.rope(T), RoutingLog()
+        x, rope, log = self.embed_tokens(input_ids), self.positions(T), RoutingLog()
         seg = None
         carry = self.initial_carry(B, T)
         for _ in range(self.cfg.halt_max_steps):
@@ -222,7 +237,7 @@ class HRMACTv1(nn.Module):
         """(B, T) -> (B, T, V) logits of the last of all ``halt_max_steps`` segments, as evaluation scores them;
         no labels, no routing log (generation: ``aios_ray.generate`` and the ``transformers`` wrapper)."""
         B, T = input_ids.shape
-        x, rope = self.embed_tokens(input_ids), self.rope(T)
+        x, rope = self.embed_tokens(input_ids), self.positions(T)
         carry, logits = self.initial_carry(B, T), None
         for _ in range(self.cfg.halt_max_steps):
             seg = self.segment(carry, x, rope, None, with_grad=False)
@@ -233,7 +248,7 @@ class HRMACTv1(nn.Module):
     def _forward_train(self, input_ids: torch.Tensor, labels: torch.Tensor) -> HRMOutput:
         cfg = self.cfg
         B, T = input_ids.shape
-        x, rope, log = self.embed_tokens(input_ids), self.rope(T), RoutingLog()
+        x, rope, log = self.embed_tokens(input_ids), self.positions(T), RoutingLog()
         max_steps = cfg.halt_max_steps
         halted = torch.zeros(B, dtype=torch.bool, device=x.device)
         steps = torch.zeros(B, device=x.device)

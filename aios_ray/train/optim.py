@@ -22,10 +22,11 @@ def is_router_param(name: str) -> bool:
     return ".ffn.router." in name
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """Groups: decayed matrices, undecayed vectors/embeddings, routers (own LR scale) and experts.
 
-    Experts are stepped per expert and only when they received tokens (see ``ExpertSparseAdamW``).
+    Experts are stepped per expert and only when they received tokens (see ``ExpertSparseAdamW``); with
+    --use-8bit-optimizer bitsandbytes' AdamW8bit steps the same groups, every expert every step.
     """
     decay, no_decay, router, experts = [], [], [], []
     for name, param in model.named_parameters():
@@ -35,7 +36,7 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
             experts.append(param)
         elif ".router." in name:
             router.append(param)
-        elif param.ndim >= 2 and not name.startswith("embed."):
+        elif param.ndim >= 2 and not name.startswith(("embed.", "pos_embed.")):
             decay.append(param)
         else:
             no_decay.append(param)
@@ -49,6 +50,10 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> ExpertSparseAdamW:
         {"params": experts, "weight_decay": tc.weight_decay, "lr_scale": 1.0, "name": "experts",
          "per_expert": True},
     ]
+    if tc.use_8bit_optimizer:
+        import bitsandbytes  # checked at config time (``Config._check_precision``): installed
+
+        return bitsandbytes.optim.AdamW8bit([g for g in groups if g["params"]], lr=tc.lr, betas=BETAS, eps=EPS)
     return ExpertSparseAdamW([g for g in groups if g["params"]], lr=tc.lr, betas=BETAS, eps=EPS)
 
 
@@ -67,10 +72,25 @@ class ExpertSparseAdamW(torch.optim.Optimizer):
     def _state(self, param: torch.Tensor, per_expert: bool) -> dict[str, torch.Tensor]:
         state = self.state[param]
         if not state:
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
+            if param.dtype != torch.float32:  # --model-dtype bf16/fp16: the update happens on fp32 master weights
+                state["master"] = param.detach().float().clone()
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
             state["step"] = torch.zeros(param.shape[0] if per_expert else 1)
         return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but fp32 master weights and moments of low-precision parameters stay fp32 (torch casts
+        every floating state tensor to its parameter's dtype, which would round them at every resume)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            param = params[int(index)]
+            if param.dtype == torch.float32:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
+                    self.state[param][key] = value.to(param.device)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -81,16 +101,17 @@ class ExpertSparseAdamW(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 state = self._state(param, group["per_expert"])
+                target, grad = state.get("master", param), param.grad.float()  # fp32 params: themselves
                 if not group["per_expert"]:
-                    adamw_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
-                    continue
-                if param.ndim == 1:  # ZeRO's flat partition of the group: the expert rows are gone
-                    masked_adamw_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                         **hyper)
-                    continue
-                for e in touched_experts(param.grad):
-                    adamw_update_(param[e], param.grad[e], state["exp_avg"][e], state["exp_avg_sq"][e],
-                                  state["step"][e:e + 1], **hyper)
+                    adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
+                elif param.ndim == 1:  # ZeRO's flat partition of the group: the expert rows are gone
+                    masked_adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
+                else:
+                    for e in touched_experts(grad):
+                        adamw_update_(target[e], grad[e], state["exp_avg"][e], state["exp_avg_sq"][e],
+                                      state["step"][e:e + 1], **hyper)
+                if target is not param:
+                    param.copy_(target)
 
 
 def masked_adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

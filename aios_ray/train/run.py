@@ -7,6 +7,7 @@ from typing import Any
 
 from aios_ray.config import Config
 from aios_ray.train.context import LocalContext
+from aios_ray.train.gpus import select_local_gpus
 from aios_ray.train.independent import merge_run
 from aios_ray.train.loop import train_worker
 from aios_ray.train.plan import RunPlan, TrainData
@@ -14,6 +15,7 @@ from aios_ray.train.prepare import prepare_run
 
 
 def run_training(cfg: Config) -> tuple[RunPlan, dict[str, Any]]:
+    select_local_gpus(cfg.cluster)  # --cuda-ids: before Ray (or CUDA) starts, which read CUDA_VISIBLE_DEVICES once
     if cfg.train.expert_id:  # expert-only training: the same loop on a plan with one trainable expert
         from aios_ray.train.expert_only import run_expert_training
 

@@ -38,6 +38,8 @@ class AutotuneConfig:
             raise ConfigError("--timeout-minutes and --max-concurrent must be >= 0")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if self.pruner == "None":  # the seed's spelling of 'none'
+            self.pruner = "none"
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: expected one of {', '.join(PRUNERS)}")
         if self.direction not in ("minimize", "maximize"):

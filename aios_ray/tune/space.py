@@ -6,7 +6,9 @@ Parameters (Optuna names; each maps onto one field of the training config):
 - ``lr`` (log-uniform, ``train.lr``), ``warmup_steps`` (integer, ``train.warmup_steps``),
   ``moe_lb_coef`` (log-uniform, ``model.moe_lb_coef``): ranges ``--lr-min/--lr-max`` etc.;
 - ``num_experts`` (``model.num_experts``), ``num_experts_per_tok`` (``model.num_experts_per_tok``),
-  ``batch_size`` (``train.batch_size``): categorical, from ``--num-experts-choices`` etc.
+  ``batch_size`` (``train.batch_size``): categorical, from ``--num-experts-choices`` etc.;
+- ``dataset_chunk_size`` (``cluster.dataset_chunk_size``, the sequences per chunk of ``--dataset-chunk-size``):
+  categorical from ``--chunk-choices`` (the seed's spelling), searched only when given.
 
 Why top-k choices must not exceed the smallest expert count: Optuna's samplers need one fixed set of choices
 per parameter, so a top-k that some expert count cannot serve would make those trials impossible.
@@ -30,7 +32,9 @@ SAFE_MAX_BATCH = 4096
 # Optuna parameter -> (config section, field)
 TARGETS = {"lr": ("train", "lr"), "warmup_steps": ("train", "warmup_steps"),
            "moe_lb_coef": ("model", "moe_lb_coef"), "num_experts": ("model", "num_experts"),
-           "num_experts_per_tok": ("model", "num_experts_per_tok"), "batch_size": ("train", "batch_size")}
+           "num_experts_per_tok": ("model", "num_experts_per_tok"), "batch_size": ("train", "batch_size"),
+           "dataset_chunk_size": ("cluster", "dataset_chunk_size")}
+SAFE_MAX_CHUNK = 1 << 20
 
 
 @dataclass
@@ -44,6 +48,8 @@ class SearchSpace:
     num_experts_choices: str = _opt("4,8", "expert counts tried (comma-separated)")
     top_k_choices: str = _opt("1,2", "experts per token tried (each <= the smallest expert count)")
     batch_choices: str = _opt("4,8,16", "micro-batch sizes tried")
+    chunk_choices: str = _opt("", "--dataset-chunk-size values tried (sequences per dataset chunk), e.g. "
+                                  "1024,2048,4096; empty: not searched")
 
     def __post_init__(self) -> None:
         _range("--lr-min/--lr-max", self.lr_min, self.lr_max, SAFE_LR)
@@ -55,12 +61,15 @@ class SearchSpace:
             raise ConfigError(f"--top-k-choices {self.top_k_choices}: top-k {max(top_k)} exceeds the smallest of "
                               f"--num-experts-choices {self.num_experts_choices}")
         self.choices("batch_size")
+        if self.chunk_choices:
+            self.choices("dataset_chunk_size")
 
     def choices(self, param: str) -> list[int]:
         """The validated integer choices of a categorical parameter."""
         flag, text, most = {"num_experts": ("--num-experts-choices", self.num_experts_choices, SAFE_MAX_EXPERTS),
                             "num_experts_per_tok": ("--top-k-choices", self.top_k_choices, SAFE_MAX_EXPERTS),
-                            "batch_size": ("--batch-choices", self.batch_choices, SAFE_MAX_BATCH)}[param]
+                            "batch_size": ("--batch-choices", self.batch_choices, SAFE_MAX_BATCH),
+                            "dataset_chunk_size": ("--chunk-choices", self.chunk_choices, SAFE_MAX_CHUNK)}[param]
         try:
             values = [int(v) for v in str(text).split(",") if v.strip()]
         except ValueError:
@@ -76,8 +85,13 @@ class SearchSpace:
         trial.suggest_float("lr", self.lr_min, self.lr_max, log=True)
         trial.suggest_int("warmup_steps", self.warmup_min, self.warmup_max)
         trial.suggest_float("moe_lb_coef", self.moe_lb_min, self.moe_lb_max, log=True)
-        for param in ("num_experts", "num_experts_per_tok", "batch_size"):
+        for param in self.categorical():
             trial.suggest_categorical(param, self.choices(param))
+
+    def categorical(self) -> list[str]:
+        """The categorical parameters searched (--chunk-choices only when given: older studies lack it)."""
+        return ["num_experts", "num_experts_per_tok", "batch_size"] + (["dataset_chunk_size"]
+                                                                        if self.chunk_choices else [])
 
     def distributions(self) -> dict[str, Any]:
         """The Optuna distributions ``suggest`` draws from (to compare with a stored study's)."""
@@ -88,7 +102,7 @@ class SearchSpace:
             "lr": dist.FloatDistribution(self.lr_min, self.lr_max, log=True),
             "warmup_steps": dist.IntDistribution(self.warmup_min, self.warmup_max),
             "moe_lb_coef": dist.FloatDistribution(self.moe_lb_min, self.moe_lb_max, log=True)}
-        for param in ("num_experts", "num_experts_per_tok", "batch_size"):
+        for param in self.categorical():
             out[param] = dist.CategoricalDistribution(self.choices(param))
         return out
 
@@ -109,7 +123,7 @@ def yaml_snippet(params: dict[str, Any]) -> str:
         section, field_name = TARGETS[param]
         sections.setdefault(section, {})[field_name] = value
     lines = []
-    for section in ("model", "train"):
+    for section in ("model", "train", "cluster"):
         if section in sections:
             lines.append(f"{section}:")
             lines.extend(f"  {k}: {_yaml_value(v)}" for k, v in sorted(sections[section].items()))
