@@ -15,10 +15,8 @@ from aios_ray.seed_flags import ANSWERS, seed_train_flags
 from aios_ray.tune.settings import AutotuneConfig
 from aios_ray.tune.space import SearchSpace, apply_params, yaml_snippet
 
-ITEM_5 = pytest.mark.xfail(strict=False, reason="item 5")  # chunked training: another change of issue 12
-
 TRAIN = "train"  # aios hrm-hf train-actv1
-SEED_FLAGS: list = [
+SEED_FLAGS: list[tuple[str, str]] = [
     *[(TRAIN, flag) for flag in (
         "--model artifacts/hf_implant/base_model", "--dataset-file data.txt", "--steps 20", "--batch-size 8",
         "--use-moe", "--no-moe", "--num-experts 8", "--num-experts-per-tok 2", "--moe-capacity-factor 1.25",
@@ -32,8 +30,7 @@ SEED_FLAGS: list = [
         "--dataset-chunk-size 512", "--seed 42", "--wandb", "--no-wandb", "--wandb-project aios-hrm",
         "--wandb-entity team", "--wandb-group g", "--wandb-tags smoke,debug", "--wandb-offline", "--wandb-online",
         "--wandb-run-name dev-dryrun")],
-    pytest.param(TRAIN, "--use-chunked-training", marks=ITEM_5),
-    pytest.param(TRAIN, "--chunk-size 1024", marks=ITEM_5),
+    (TRAIN, "--use-chunked-training"), (TRAIN, "--chunk-size 1024"),
     *[("flow hrm-train", flag) for flag in (
         "--dataset-file data.txt", "--eval-file eval.txt", "--brain-name demo-brain", "--wandb",
         "--train-args '--steps 100 --batch-size 4'")],
@@ -54,11 +51,6 @@ SEED_FLAGS: list = [
 GLUED = {"--ampby", "--auto-adjust-lrenabled", "--gradient-checkpointingand", "--lrand", "--num-expertsand",
          "--parallel-independentwith", "--use-8bit-optimizerif", "--use-flash-attnand", "--use-moeis"}
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-
-
-def _flag_of(entry) -> tuple[str, str]:
-    values = entry.values if hasattr(entry, "values") else entry
-    return values[0], values[1]
 
 
 def _argv(command: str, flag: str) -> list[str]:
@@ -88,7 +80,7 @@ def test_the_list_holds_every_flag_the_seeds_give():
     for text in (path.read_text(encoding="utf-8") for path in SEEDS.glob("*.txt")):
         for match in re.findall(r"--[a-z][a-z0-9_-]*[a-z0-9]", text):
             found.update("--" + part for part in match.split("--") if part)
-    listed = {_flag_of(entry)[1].split()[0] for entry in SEED_FLAGS}
+    listed = {flag.split()[0] for _, flag in SEED_FLAGS}
     assert found - GLUED - listed == set()
 
 
@@ -174,13 +166,13 @@ def test_autotune_seed_flags_mean_the_search_space_they_named():
         "--moe-balance-min", "5e-3", "--moe-balance-max", "2e-2", "--chunk-choices", "1024,2048,4096",
         "--pruner", "None", "--wandb")
     assert (space.moe_lb_min, space.moe_lb_max, settings.pruner, train_flags) == (5e-3, 2e-2, "none", ["--wandb"])
-    assert space.choices("dataset_chunk_size") == [1024, 2048, 4096]
-    assert "dataset_chunk_size" in space.categorical() and "dataset_chunk_size" in space.distributions()
-    sections = apply_params({"model": {}, "train": {}, "cluster": {}}, {"dataset_chunk_size": 2048})
-    assert sections["cluster"]["dataset_chunk_size"] == 2048
-    assert "cluster:\n  dataset_chunk_size: 2048" in yaml_snippet({"dataset_chunk_size": 2048})
+    assert space.choices("chunk_size") == [1024, 2048, 4096]
+    assert "chunk_size" in space.categorical() and "chunk_size" in space.distributions()
+    sections = apply_params({"model": {}, "train": {}, "cluster": {}}, {"chunk_size": 2048})
+    assert sections["train"]["chunk_size"] == 2048
+    assert "train:\n  chunk_size: 2048" in yaml_snippet({"chunk_size": 2048})
     _, plain, none = _autotune_sections()
-    assert "dataset_chunk_size" not in plain.categorical() and none == []  # older studies: the same parameters
+    assert "chunk_size" not in plain.categorical() and none == []  # older studies: the same parameters
     with pytest.raises(ConfigError, match="--chunk-choices"):
         _autotune_sections("--chunk-choices", "0,512")
 

@@ -7,8 +7,9 @@ Parameters (Optuna names; each maps onto one field of the training config):
   ``moe_lb_coef`` (log-uniform, ``model.moe_lb_coef``): ranges ``--lr-min/--lr-max`` etc.;
 - ``num_experts`` (``model.num_experts``), ``num_experts_per_tok`` (``model.num_experts_per_tok``),
   ``batch_size`` (``train.batch_size``): categorical, from ``--num-experts-choices`` etc.;
-- ``dataset_chunk_size`` (``cluster.dataset_chunk_size``, the sequences per chunk of ``--dataset-chunk-size``):
-  categorical from ``--chunk-choices`` (the seed's spelling), searched only when given.
+- ``chunk_size`` (``train.chunk_size``, the tokens per micro-batch of chunked training, ``--chunk-size``):
+  categorical from ``--chunk-choices`` (the seed's flag), searched only when given; it matters only with
+  ``--use-chunked-training`` or ``--data`` in ``--train-args``.
 
 Why top-k choices must not exceed the smallest expert count: Optuna's samplers need one fixed set of choices
 per parameter, so a top-k that some expert count cannot serve would make those trials impossible.
@@ -33,7 +34,7 @@ SAFE_MAX_BATCH = 4096
 TARGETS = {"lr": ("train", "lr"), "warmup_steps": ("train", "warmup_steps"),
            "moe_lb_coef": ("model", "moe_lb_coef"), "num_experts": ("model", "num_experts"),
            "num_experts_per_tok": ("model", "num_experts_per_tok"), "batch_size": ("train", "batch_size"),
-           "dataset_chunk_size": ("cluster", "dataset_chunk_size")}
+           "chunk_size": ("train", "chunk_size")}
 SAFE_MAX_CHUNK = 1 << 20
 
 
@@ -48,8 +49,9 @@ class SearchSpace:
     num_experts_choices: str = _opt("4,8", "expert counts tried (comma-separated)")
     top_k_choices: str = _opt("1,2", "experts per token tried (each <= the smallest expert count)")
     batch_choices: str = _opt("4,8,16", "micro-batch sizes tried")
-    chunk_choices: str = _opt("", "--dataset-chunk-size values tried (sequences per dataset chunk), e.g. "
-                                  "1024,2048,4096; empty: not searched")
+    chunk_choices: str = _opt("", "--chunk-size values tried (tokens per micro-batch of chunked training: give "
+                                  "--use-chunked-training or --data in --train-args), e.g. 1024,2048,4096; empty: "
+                                  "not searched")
 
     def __post_init__(self) -> None:
         _range("--lr-min/--lr-max", self.lr_min, self.lr_max, SAFE_LR)
@@ -62,14 +64,14 @@ class SearchSpace:
                               f"--num-experts-choices {self.num_experts_choices}")
         self.choices("batch_size")
         if self.chunk_choices:
-            self.choices("dataset_chunk_size")
+            self.choices("chunk_size")
 
     def choices(self, param: str) -> list[int]:
         """The validated integer choices of a categorical parameter."""
         flag, text, most = {"num_experts": ("--num-experts-choices", self.num_experts_choices, SAFE_MAX_EXPERTS),
                             "num_experts_per_tok": ("--top-k-choices", self.top_k_choices, SAFE_MAX_EXPERTS),
                             "batch_size": ("--batch-choices", self.batch_choices, SAFE_MAX_BATCH),
-                            "dataset_chunk_size": ("--chunk-choices", self.chunk_choices, SAFE_MAX_CHUNK)}[param]
+                            "chunk_size": ("--chunk-choices", self.chunk_choices, SAFE_MAX_CHUNK)}[param]
         try:
             values = [int(v) for v in str(text).split(",") if v.strip()]
         except ValueError:
@@ -90,8 +92,7 @@ class SearchSpace:
 
     def categorical(self) -> list[str]:
         """The categorical parameters searched (--chunk-choices only when given: older studies lack it)."""
-        return ["num_experts", "num_experts_per_tok", "batch_size"] + (["dataset_chunk_size"]
-                                                                        if self.chunk_choices else [])
+        return ["num_experts", "num_experts_per_tok", "batch_size"] + (["chunk_size"] if self.chunk_choices else [])
 
     def distributions(self) -> dict[str, Any]:
         """The Optuna distributions ``suggest`` draws from (to compare with a stored study's)."""
@@ -123,7 +124,7 @@ def yaml_snippet(params: dict[str, Any]) -> str:
         section, field_name = TARGETS[param]
         sections.setdefault(section, {})[field_name] = value
     lines = []
-    for section in ("model", "train", "cluster"):
+    for section in ("model", "train"):
         if section in sections:
             lines.append(f"{section}:")
             lines.extend(f"  {k}: {_yaml_value(v)}" for k, v in sorted(sections[section].items()))
