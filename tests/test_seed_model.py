@@ -164,3 +164,27 @@ def test_master_weights_and_moments_stay_fp32_through_a_state_dict_round_trip():
                 assert torch.equal(again.state[param][key], optimizer.state[param][key]), key
             # the bf16 weight is the master weight rounded
             assert torch.equal(param, optimizer.state[param]["master"].to(torch.bfloat16))
+
+
+def test_8bit_optimizer_flag_trains_and_resumes_with_the_bitsandbytes_optimizer(tmp_path: Path, monkeypatch):
+    """The wiring, with torch's AdamW standing in for bitsandbytes' AdamW8bit (bitsandbytes is not a dependency)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    built = []
+
+    class StandIn(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+    fake.optim = types.SimpleNamespace(AdamW8bit=StandIn)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    root = _tiny_run(tmp_path, "8bit", {}, use_8bit_optimizer=True)
+    assert len(built) == 1 and {g["name"] for g in built[0].param_groups} >= {"decay", "experts"}
+    resumed = _tiny_run(tmp_path, "8bit", {}, resume=root, use_8bit_optimizer=True)
+    assert len(built) == 2 and built[1].state  # the checkpoint's moments were restored into the new optimizer
+    assert [e["step"] for e in events(resumed / "metrics.jsonl", "train")][-1] == 4
