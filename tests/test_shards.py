@@ -204,3 +204,19 @@ def test_ray_data_prepares_the_same_shards_as_the_in_process_path(prepared: Path
     summary = _prepare(prepared.parent / "corpus", tmp_path / "on_ray", use_ray=True)
     assert not summary["skipped"]
     assert _tree(Path(summary["out"])) == _tree(prepared)  # same key, same blocks, byte for byte
+
+
+@pytest.mark.ray
+def test_the_flow_with_chunked_training_prepares_shards_and_trains_from_them(ray_local, tmp_path: Path):
+    corpus = tmp_path / "train.txt"
+    corpus.write_text(SAMPLE_TRAIN.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    flows = tmp_path / "flows"
+    assert main(["flow", "hrm-train", "--dataset-file", str(corpus), "--brain-name", "t", "--flow-dir", str(flows),
+                 "--eval-batches", "2", "--train-args",
+                 f"--config debug --steps 2 --use-chunked-training --dataset-chunk-size {CHUNK}"]) == 0
+    [prepare] = [d for d in (flows / "t").glob("prepare-*") if (d / "done.json").is_file()]
+    manifest = open_prepared(str(prepare / "shards")).raw
+    assert manifest["split"]["eval_blocks"] == 0 and manifest["blocks"] > 0  # eval: the step's held-out text
+    [train] = [d for d in (flows / "t").glob("train-*") if (d / "done.json").is_file()]
+    history = json.loads((train / "t" / "metadata.json").read_text())["dataset_history"]
+    assert history[-1]["prepared"] and history[-1]["dataset"] == str((prepare / "shards").resolve())

@@ -244,9 +244,10 @@ class TokenizePieces:
     """A Ray Data actor: one tokenizer per process, loaded once; one Rayon thread, since Ray runs one actor per
     CPU (a pool per actor would oversubscribe the cores)."""
 
-    def __init__(self, tokenizer_json: str, block_len: int, chunk_blocks: int, eval_fraction: float,
+    def __init__(self, tokenizer_file: str, block_len: int, chunk_blocks: int, eval_fraction: float,
                  staging: str) -> None:
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        tokenizer_json = Path(tokenizer_file).read_text(encoding="utf-8")
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.args = (block_len, chunk_blocks, eval_fraction, Path(staging), tokenizer_sha256(tokenizer_json))
 
@@ -312,9 +313,13 @@ def _run_on_ray_data(spec: PrepareSpec, pieces: list[Piece], tokenizer_json: str
     ensure_ray(spec.address)
     actors = spec.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [asdict(p) for p in pieces]
+    # the actors read the tokenizer from the staging directory (every node sees it): a few MB of JSON as a
+    # constructor argument would sit in the object store for the actors' lifetime
+    tokenizer_file = staging / TOKENIZER_FILE
+    atomic_write_bytes(tokenizer_file, tokenizer_json.encode("utf-8"))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TokenizePieces, batch_size=1, concurrency=min(actors, len(items)), num_cpus=1,
-        fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "block_len": spec.max_seq_len + 1,
+        TokenizePieces, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=1,
+        fn_constructor_kwargs={"tokenizer_file": str(tokenizer_file), "block_len": spec.max_seq_len + 1,
                                "chunk_blocks": spec.chunk_blocks, "eval_fraction": spec.eval_fraction,
                                "staging": str(staging)})  # Ray Data spreads the actors over the nodes
     rows = []

@@ -33,6 +33,7 @@ from aios_ray.durable import atomic_write_json
 from aios_ray.errors import UserError
 from aios_ray.flow import cache, steps
 from aios_ray.flow.settings import FlowSettings
+from aios_ray.flow.shards_step import shard_inputs, shard_training_text
 from aios_ray.tracking.jsonl import say
 from aios_ray.tune.settings import AutotuneConfig
 from aios_ray.tune.space import SearchSpace, apply_params
@@ -107,9 +108,18 @@ class HrmTrainFlow:
                   "eval_fraction": None if held_out else s.eval_fraction, "ascii_only": tc.ascii_only,
                   "tokenizer": cache.file_sha256(tokenizer) if tokenizer else None,
                   "vocab_size": None if tokenizer else tc.tokenizer_vocab_size}
-        return self._step("prepare", inputs, lambda out: ray.get(prepare_task.remote(
-            out, data["path"], held_out and held_out["path"], s.eval_fraction, tc.ascii_only,
-            str(tokenizer) if tokenizer else None, tc.tokenizer_vocab_size)))
+        if tc.use_chunked_training:  # (only then in the key: the caches of other flows stay valid)
+            inputs["shards"] = shard_inputs(self.base)
+
+        def launch(out: str) -> dict[str, Any]:
+            outputs = ray.get(prepare_task.remote(out, data["path"], held_out and held_out["path"], s.eval_fraction,
+                                                  tc.ascii_only, str(tokenizer) if tokenizer else None,
+                                                  tc.tokenizer_vocab_size))
+            if tc.use_chunked_training:  # the training text as Parquet shards, tokenized on Ray Data
+                outputs.update(shard_training_text(out, outputs, self.base))
+            return outputs
+
+        return self._step("prepare", inputs, launch)
 
     def _autotune(self, prepare: Step, sections: dict[str, Any]) -> Step:
         assert self.autotune is not None
@@ -219,6 +229,8 @@ def with_data(sections: dict[str, Any], prepare: Step) -> dict[str, Any]:
     out["train"].update(dataset_file=prepare.path(prepare.outputs["train"]),
                         eval_file=prepare.path(prepare.outputs["eval"]),
                         tokenizer=prepare.path(prepare.outputs["tokenizer"]))
+    if "data" in prepare.outputs:  # --use-chunked-training: stream the step's shards instead of the text
+        out["train"].update(data=prepare.path(prepare.outputs["data"]), dataset_file=None)
     return out
 
 
