@@ -15,6 +15,7 @@ whose key matches the manifest in ``--out`` does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -377,7 +378,7 @@ def prepare_dataset(spec: PrepareSpec) -> dict[str, Any]:
         manifest = _manifest(spec, key, sources, tokenizer_json, tokenizer_info, rows, len(pieces))
         atomic_write_bytes(staging / TOKENIZER_FILE, tokenizer_json.encode("utf-8"))
         atomic_write_json(staging / MANIFEST, manifest)
-        _publish(staging, out)
+        _publish(staging, out, key)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -435,8 +436,15 @@ def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
             "tokens": manifest["tokens"]}
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """The staging directory becomes ``out`` in one rename (``out`` absent or empty: checked before)."""
-    if out.exists():
-        out.rmdir()
-    os.replace(staging, out)
+def _publish(staging: Path, out: Path, key: str) -> None:
+    """The staging directory becomes ``out`` in one rename (``out`` was absent or empty). Two runs preparing the
+    same inputs at once (autotune trials with --use-chunked-training): the second finds the first's and drops
+    its own."""
+    with contextlib.suppress(OSError):
+        out.rmdir()  # empty: replaced below; not empty: another run published meanwhile
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if not _already_prepared(out, key):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)

@@ -313,7 +313,7 @@ def open_storage(url: str) -> Any:
 def absolute_paths(sections: dict[str, Any]) -> dict[str, Any]:
     """Path settings made absolute: a trial runs in its own working directory."""
     out = {name: dict(section) for name, section in sections.items()}
-    for section, key in (("train", "dataset_file"), ("train", "eval_file"), ("train", "tokenizer"),
+    for section, key in (("train", "dataset_file"), ("train", "data"), ("train", "eval_file"), ("train", "tokenizer"),
                          ("train", "model"), ("train", "stop_file"), ("cluster", "storage_path")):
         value = out[section].get(key)
         if value and os.path.exists(value):
