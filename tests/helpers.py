@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from aios_ray.cli import main
 from aios_ray.config import Config, ModelConfig, StoreConfig, load_yaml_config, merge
 from aios_ray.model.hrm import HRMACTv1
 from aios_ray.store.nvme import NvmeStore
@@ -102,3 +105,29 @@ def assert_same_experts(local: HRMACTv1, opt_local, nvme: NvmeStore, layout: Exp
             torch.testing.assert_close(views["exp_avg.w_gate_up"], state_gu["exp_avg"][e], atol=1e-6, rtol=1e-4)
             torch.testing.assert_close(views["exp_avg_sq.w_down"], state_dn["exp_avg_sq"][e], atol=1e-7, rtol=1e-4)
             assert views["step"].item() == state_gu["step"][e].item()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``aios-ray argv`` in this process: exit code, stdout, stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_together(script: str, runs: list[list[str]], timeout: float = 60) -> None:
+    """Start one process per argument list running ``script``, release them at once (each waits for a line on its
+    stdin, so none is done before the last has started) and require that each exits 0."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdin=subprocess.PIPE, text=True)
+             for args in runs]
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        proc.stdin.close()
+        assert proc.wait(timeout=timeout) == 0

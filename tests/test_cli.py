@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aios_ray.cli import main
+from tests.helpers import run_cli
 
 DEBUG = ["train", "--config", "debug", "--no-ray"]
 
@@ -18,14 +19,6 @@ def _tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def trained_bundle(tmp_path_factory) -> Path:
 
 
 def test_eval_prints_loss_and_perplexity(trained_bundle: Path, capsys):
-    code, out, _ = _run(["eval", "--model", str(trained_bundle), "--eval-file",
+    code, out, _ = run_cli(["eval", "--model", str(trained_bundle), "--eval-file",
                          "aios_ray/data/sample/eval.txt", "--eval-batches", "2"], capsys)
     assert code == 0
     loss = float(out.split("eval_loss=")[1].split()[0])
@@ -71,13 +64,13 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(trained_bundle: Path, 
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     before = _tree_digest(trained_bundle.parent)
     for flags, message in _bad_inputs(tmp_path, trained_bundle):
-        code, _, err = _run([*DEBUG, "--bundle-dir", str(trained_bundle.parent), "--brain-name", "new", *flags],
+        code, _, err = run_cli([*DEBUG, "--bundle-dir", str(trained_bundle.parent), "--brain-name", "new", *flags],
                             capsys)
         assert code == 2, flags
         assert message in err, (flags, err)
         assert err.count("\n") == 1, err
         assert _tree_digest(trained_bundle.parent) == before, flags
-    code, _, err = _run(["eval", "--model", str(trained_bundle), "--eval-file", "aios_ray/data/sample/eval.txt"],
+    code, _, err = run_cli(["eval", "--model", str(trained_bundle), "--eval-file", "aios_ray/data/sample/eval.txt"],
                         capsys)
     assert code == 2 and "corrupt or truncated" in err
 
@@ -93,8 +86,8 @@ def test_console_script_runs_as_a_module():
 
 def test_plot_renders_a_png(trained_bundle: Path, tmp_path: Path, capsys):
     out = tmp_path / "run.png"
-    code, _, _ = _run(["plot", "--log-file", str(trained_bundle / "metrics.jsonl"), "--out", str(out)], capsys)
+    code, _, _ = run_cli(["plot", "--log-file", str(trained_bundle / "metrics.jsonl"), "--out", str(out)], capsys)
     assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "bad.jsonl").write_text("{nope\n")
-    code, _, err = _run(["plot", "--log-file", str(tmp_path / "bad.jsonl")], capsys)
+    code, _, err = run_cli(["plot", "--log-file", str(tmp_path / "bad.jsonl")], capsys)
     assert code == 2 and "bad.jsonl" in err and err.count("\n") == 1

@@ -4,33 +4,20 @@ one line + exit 2 with the files untouched, bytes and mtimes)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from aios_ray.cli import main
 from aios_ray.errors import RegistryError
 from aios_ray.experts.registry import ENTRY_DEFAULTS, ExpertRegistry, validate_expert_id
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run_cli, run_together
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``root`` with its bytes and mtime: "nothing changed" means this is equal."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -178,14 +165,7 @@ def test_two_processes_writing_at_once_lose_no_entry(tmp_path: Path):
     reg = ExpertRegistry(tmp_path / "experts" / "registry.json")
     reg.add("root")
     count = 25
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(reg.path), tag, str(count)], cwd=REPO,
-                              stdin=subprocess.PIPE, text=True) for tag in ("a", "b")]
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    for proc in procs:
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+    run_together(WRITER, [[str(reg.path), tag, str(count)] for tag in ("a", "b")])
     expected = {"root"} | {f"{tag}-{i}" for tag in ("a", "b") for i in range(count)}
     assert reg.ids() == expected
     children = reg.get("root")["child_expert_ids"]

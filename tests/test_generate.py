@@ -11,20 +11,13 @@ import torch
 
 from aios_ray.cli import main
 from aios_ray.generate import decode_stream, generate_text, generate_tokens, load_brain
+from tests.helpers import run_cli
 from tests.test_layering import PACKAGE, imported_modules
 
 PROMPT = "Once upon a time"
 # Prompt + new tokens exceed the debug preset's max_seq_len (32): the context window slides in every path.
 NEW_TOKENS = 26
 
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def test_greedy_is_deterministic_and_the_cli_prints_the_api_text(bundle: Path, b
     assert len(tokenizer.encode(PROMPT).ids) + len(tokens) > cfg.max_seq_len  # the window slid
     text = "".join(generate_text(model, tokenizer, PROMPT, max_new_tokens=NEW_TOKENS, temperature=0))
     assert text == tokenizer.decode(tokens)
-    code, out, err = _run(["generate", "--model", str(bundle), "--prompt", PROMPT,
+    code, out, err = run_cli(["generate", "--model", str(bundle), "--prompt", PROMPT,
                            "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0"], capsys)
     assert (code, err) == (0, "")
     assert out == text + "\n"
@@ -86,7 +79,7 @@ def test_seeded_sampling_repeats_and_the_cli_samples_the_same(bundle: Path, brai
     assert sample(5, top_p=1e-6) == greedy[:20]  # the likeliest token always stays
     expected = "".join(generate_text(model, tokenizer, PROMPT, max_new_tokens=20, temperature=0.7, top_k=40,
                                      top_p=0.9, seed=11))
-    code, out, _ = _run(["generate", "--model", str(bundle), "--prompt", PROMPT, "--max-new-tokens", "20",
+    code, out, _ = run_cli(["generate", "--model", str(bundle), "--prompt", PROMPT, "--max-new-tokens", "20",
                          "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--seed", "11"], capsys)
     assert code == 0 and out == expected + "\n"
 
@@ -108,7 +101,7 @@ def test_transformers_generate_equals_aios_ray_generate(bundle: Path, brain, gre
     from aios_ray.hf import AiosHRMForCausalLM
 
     aios_ray.hf.register()
-    code, out, _ = _run(["export-hf", "--model", str(bundle), "--out", str(tmp_path / "hf")], capsys)
+    code, out, _ = run_cli(["export-hf", "--model", str(bundle), "--out", str(tmp_path / "hf")], capsys)
     assert code == 0, out
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert isinstance(hf_model, AiosHRMForCausalLM)
@@ -151,7 +144,7 @@ def test_bad_input_is_one_line_exit_2(bundle: Path, tmp_path: Path, capsys):
         (["export-hf", "--model", str(corrupt), "--out", str(tmp_path / "hf")], "corrupt or truncated"),
     ]
     for argv, message in cases:
-        code, out, err = _run(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert code == 2, argv
         assert message in err and err.count("\n") == 1, (argv, err)
         assert out == "", argv

@@ -4,8 +4,6 @@ a DB that is not ours, and the CLI with the seed's hyphenated spellings."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import pytest
 from aios_ray.errors import GoalsError, RegistryError
 from aios_ray.experts.goals import APPLICATION_ID, GoalsDB
 from aios_ray.experts.registry import ExpertRegistry
-from tests.test_experts_registry import REPO, run_cli, snapshot
+from tests.helpers import run_cli, run_together
+from tests.test_experts_registry import snapshot
 
 
 @pytest.fixture
@@ -99,14 +98,7 @@ GOAL_WRITER = textwrap.dedent("""
 def test_two_processes_adding_linked_goals_at_once_keep_db_and_registry_consistent(db: GoalsDB,
                                                                                     registry: ExpertRegistry):
     count = 15
-    procs = [subprocess.Popen([sys.executable, "-c", GOAL_WRITER, str(db.path), str(registry.path), tag, str(count)],
-                              cwd=REPO, stdin=subprocess.PIPE, text=True) for tag in ("a", "b")]
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    for proc in procs:
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+    run_together(GOAL_WRITER, [[str(db.path), str(registry.path), tag, str(count)] for tag in ("a", "b")])
     goals = db.list_for_expert("code")
     assert len(goals) == 2 * count
     assert registry.get("code")["goals"] == [goal.goal_id for goal in goals]

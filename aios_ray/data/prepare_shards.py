@@ -36,7 +36,7 @@ from aios_ray.data.shards import FORMAT, MANIFEST, TOKENIZER_FILE, open_prepared
 from aios_ray.data.text import _jsonl_documents, _txt_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from aios_ray.durable import atomic_write_bytes, atomic_write_json
-from aios_ray.errors import DataError, UserError
+from aios_ray.errors import DataError, UserError, user_error_behind
 from aios_ray.tracking.jsonl import format_seconds, say
 
 SOURCE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -330,27 +330,11 @@ def _run_on_ray_data(spec: PrepareSpec, pieces: list[Piece], tokenizer_json: str
             if "text_bytes" in row and int(row["text_bytes"]):
                 progress.add(int(row["text_bytes"]))
     except Exception as exc:
-        user = _user_error(exc)
+        user = user_error_behind(exc)
         if user is not None:
             raise user from None
         raise
     return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in rows]
-
-
-def _user_error(exc: BaseException) -> UserError | None:
-    """A DataError raised in a Ray Data actor (wrapped by Ray) as the one line it was."""
-    seen, pending = set(), [exc]
-    while pending:
-        error = pending.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            cause = getattr(error, "cause", None)
-            return cause if isinstance(cause, UserError) else UserError(str(error).strip().splitlines()[-1])
-        pending.extend(e for e in (error.__cause__, error.__context__, getattr(error, "cause", None))
-                       if isinstance(e, BaseException))
-    return None
 
 
 def prepare_dataset(spec: PrepareSpec) -> dict[str, Any]:

@@ -42,6 +42,11 @@ def plot_run(log_file: Path, out: Path) -> Path:
         _plot_drops(axes[1][1], events)
     if store:
         _plot_store(axes[rows - 1][0], axes[rows - 1][1], store)
+    return _save(fig, log_file, out)
+
+
+def _save(fig, log_file: Path, out: Path) -> Path:
+    """Title the figure with the log it shows, write it to ``out`` and free it."""
     fig.suptitle(str(log_file))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,12 +162,7 @@ def plot_expert_usage(log_file: Path, out: Path) -> Path | None:
         ax.set(xlabel="step", ylabel="share of routed tokens", title=f"expert usage: layer {layer}", ylim=(0, 1))
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
-    fig.suptitle(str(log_file))
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, log_file, out)
 
 
 def render_report(log_file: Path, out_dir: Path) -> list[Path]:

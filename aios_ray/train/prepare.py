@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -42,16 +43,37 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
     if resume is not None:
         if tc.tokenizer:
             raise ConfigError(f"--tokenizer cannot change the tokenizer of the bundle --model {tc.model}")
-        model_cfg = read_model_config(resume.root)
         tokenizer = load_tokenizer(str(resume.root), "--model")
-        bundle_root = resume.root
-        checkpoint = resume.latest_checkpoint()
+    else:
+        tokenizer = _given_tokenizer(tc.tokenizer, tc.model) or train_bpe(train_docs, tc.tokenizer_vocab_size)
+    cfg, bundle_root, checkpoint, metadata = place_bundle(cfg, resume, tokenizer.get_vocab_size())
+
+    eos = eos_id(tokenizer)
+    train_tokens = tokenize_documents(tokenizer, train_docs, eos)
+    eval_tokens = tokenize_documents(tokenizer, eval_docs, eos) if eval_docs else None
+    _check_sizes(cfg, train_tokens, eval_tokens)
+    plan = run_plan(cfg, bundle_root, checkpoint, metadata)
+    data = TrainData(train_tokens, eval_tokens, tokenizer.to_str(), _describe(train_path, train_docs,
+                                                                              train_tokens, eval_path))
+    if cfg.cluster.parallel_independent:  # an unreadable or foreign chunk tracker is refused before any write
+        check_chunks(cfg, bundle_root, train_tokens, data.dataset["sha256"])
+    return plan, data
+
+
+def place_bundle(cfg: Config, resume: Bundle | None,
+                 vocab_size: int) -> tuple[Config, Path, Path | None, dict[str, Any]]:
+    """Where the run writes: the bundle it resumes (its model config, newest checkpoint and metadata; both weight
+    files checked against the config), or a new bundle that must not exist yet, with ``vocab_size`` tokens. The
+    returned config carries the model config, and the store's run-dependent defaults filled in once, here."""
+    tc = cfg.train
+    if resume is not None:
+        model_cfg = read_model_config(resume.root)
+        bundle_root, checkpoint = resume.root, resume.latest_checkpoint()
         _check_weights(model_cfg, resume.root / MODEL_FILE)
         _check_weights(model_cfg, checkpoint / MODEL_FILE)
         metadata = resume.metadata()
     else:
-        tokenizer = _given_tokenizer(tc.tokenizer, tc.model) or train_bpe(train_docs, tc.tokenizer_vocab_size)
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.get_vocab_size())
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size)
         bundle_root = Path(tc.bundle_dir) / tc.brain_name
         if bundle_root.exists() and any(bundle_root.iterdir()):
             raise ConfigError(f"bundle {bundle_root} already exists: pass --model {bundle_root} to resume it, "
@@ -59,15 +81,16 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
         checkpoint, metadata = None, {"name": tc.brain_name}
     cfg = dataclasses.replace(cfg, model=model_cfg)
     bundle_root = bundle_root.resolve()
-    if cfg.store.tiered:  # every run-dependent default of the store filled in once, here
+    if cfg.store.tiered:
         store = cfg.store.resolved(bundle_root, tc.brain_name, count_experts(model_cfg), cfg.cluster.use_gpu)
         cfg = dataclasses.replace(cfg, store=store)
+    return cfg, bundle_root, checkpoint, metadata
 
-    eos = eos_id(tokenizer)
-    train_tokens = tokenize_documents(tokenizer, train_docs, eos)
-    eval_tokens = tokenize_documents(tokenizer, eval_docs, eos) if eval_docs else None
-    _check_sizes(cfg, train_tokens, eval_tokens)
-    plan = RunPlan(
+
+def run_plan(cfg: Config, bundle_root: Path, checkpoint: Path | None, metadata: dict[str, Any]) -> RunPlan:
+    """The plan of a run placed by ``place_bundle``: log and stop file, what to resume, a fresh run id."""
+    tc = cfg.train
+    return RunPlan(
         config=cfg,
         bundle_root=str(bundle_root),
         log_file=str(Path(tc.log_file).resolve()) if tc.log_file else str(bundle_root / "metrics.jsonl"),
@@ -77,11 +100,6 @@ def prepare_run(cfg: Config) -> tuple[RunPlan, TrainData]:
         run_id=uuid.uuid4().hex,
         goal_bias=_goal_bias(cfg, metadata),
     )
-    data = TrainData(train_tokens, eval_tokens, tokenizer.to_str(), _describe(train_path, train_docs,
-                                                                              train_tokens, eval_path))
-    if cfg.cluster.parallel_independent:  # an unreadable or foreign chunk tracker is refused before any write
-        check_chunks(cfg, bundle_root, train_tokens, data.dataset["sha256"])
-    return plan, data
 
 
 def _goal_bias(cfg: Config, metadata: dict) -> GoalBias | None:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from aios_ray.config import Config, StoreConfig
-from aios_ray.errors import UserError
+from aios_ray.errors import user_error_behind
 from aios_ray.store.backend import Workers
 from aios_ray.store.record import ExpertLayout
 from aios_ray.tracking.jsonl import say
@@ -194,7 +194,7 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        user_error = _user_error(exc)
+        user_error = user_error_behind(exc)
         if user_error is not None:  # bad input found by a worker: one line and exit 2, as without Ray
             raise user_error from None
         raise
@@ -206,26 +206,3 @@ def fit_on_ray(plan: RunPlan, data: TrainData, max_failures: int = 1) -> dict[st
     summary = dict(result.metrics or {})
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary
-
-
-def _user_error(exc: BaseException) -> UserError | None:
-    """The user error behind a failed Ray Train run (a worker's exception, possibly wrapped), if any."""
-    pending: list[BaseException] = [exc]
-    seen: set[int] = set()
-    while pending:
-        error = pending.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            cause = getattr(error, "cause", None)  # Ray's task error wraps the worker's own exception
-            if isinstance(cause, UserError):
-                return cause
-            return error if _one_line(error) else UserError(str(error).strip().splitlines()[-1])
-        pending.extend(getattr(error, "worker_failures", {}).values())
-        pending.extend(e for e in (error.__cause__, getattr(error, "cause", None)) if isinstance(e, BaseException))
-    return None
-
-
-def _one_line(error: BaseException) -> bool:
-    return len(str(error).strip().splitlines()) <= 1

@@ -8,8 +8,6 @@ The training loop is the one every run uses; only its sampler differs (``trainin
 
 from __future__ import annotations
 
-import dataclasses
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ from aios_ray.data.text import SAMPLE_TRAIN, read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer
 from aios_ray.errors import DataError
 from aios_ray.tracking.jsonl import say
-from aios_ray.train.bundle import MODEL_FILE, read_model_config
 from aios_ray.train.plan import RunPlan, TrainData
 
 
@@ -64,32 +61,8 @@ def prepare_streamed_run(cfg: Config) -> tuple[RunPlan, TrainData]:
     manifest = open_prepared(data_dir)
     tokenizer_json = manifest.tokenizer_json()
     _check_manifest(cfg, manifest, tokenizer_source, data_dir)
-    if resume is not None:
-        model_cfg = read_model_config(resume.root)
-        bundle_root, checkpoint = resume.root, resume.latest_checkpoint()
-        base._check_weights(model_cfg, resume.root / MODEL_FILE)
-        base._check_weights(model_cfg, checkpoint / MODEL_FILE)
-        metadata = resume.metadata()
-    else:
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=int(manifest.raw["vocab_size"]))
-        bundle_root = Path(tc.bundle_dir) / tc.brain_name
-        if bundle_root.exists() and any(bundle_root.iterdir()):
-            raise ConfigError(f"bundle {bundle_root} already exists: pass --model {bundle_root} to resume it, "
-                              f"or choose another --brain-name")
-        checkpoint, metadata = None, {"name": tc.brain_name}
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    bundle_root = bundle_root.resolve()
-    if cfg.store.tiered:
-        from aios_ray.store.export import count_experts
-
-        store = cfg.store.resolved(bundle_root, tc.brain_name, count_experts(model_cfg), cfg.cluster.use_gpu)
-        cfg = dataclasses.replace(cfg, store=store)
-    plan = RunPlan(
-        config=cfg, bundle_root=str(bundle_root),
-        log_file=str(Path(tc.log_file).resolve()) if tc.log_file else str(bundle_root / "metrics.jsonl"),
-        stop_file=str(Path(tc.stop_file).resolve()) if tc.stop_file else str(bundle_root / "STOP"),
-        resume_from=str(checkpoint) if checkpoint else None, metadata=metadata, run_id=uuid.uuid4().hex,
-        goal_bias=base._goal_bias(cfg, metadata))
+    cfg, bundle_root, checkpoint, metadata = base.place_bundle(cfg, resume, int(manifest.raw["vocab_size"]))
+    plan = base.run_plan(cfg, bundle_root, checkpoint, metadata)
     data = TrainData(np.zeros(0, dtype=np.int32), _eval_tokens(cfg, manifest, tokenizer_json), tokenizer_json,
                      _describe(manifest), shards=str(manifest.root))
     return plan, data
