@@ -9,9 +9,10 @@ memory while it streams the prepared corpus.
    to the written manifest (hashing, tokenizing, Parquet writes all counted).
    ``prepare_vs_inprocess`` = Ray Data's MiB/s over the in-process MiB/s (bar: >= 0.9).
 4. One Ray Train worker (``TorchTrainer``, 1 CPU) streams one epoch of every training block through the
-   ``ShardSampler`` the training loop uses; its peak RSS (``ru_maxrss``, the whole process: Python, torch, Ray)
-   over the corpus' token bytes (tokens x 4, int32 as the in-memory path holds them) is
-   ``worker_peak_rss_share`` (bar: < 0.25).
+   ``ShardSampler`` the training loop uses (on Ray: a Ray Data stream read with ``iter_torch_batches``); its
+   peak RSS (``ru_maxrss``, the whole process: Python, torch, Ray, and any object-store pages it maps) over the
+   corpus' token bytes (tokens x 4, int32 as the in-memory path holds them) is ``worker_peak_rss_share``
+   (bar: < 0.25). The worker's resident memory by kind (own, files, shared) at start and end is printed too.
 
     python benchmarks/data_stream.py --corpus /tmp/aios_corpus --gib 1.6
 """
@@ -54,11 +55,12 @@ def inprocess_rate(pieces: list, tokenizer_json: str, fraction: float) -> tuple[
 
 
 def stream_worker(config: dict[str, Any]) -> None:
-    """A Ray Train worker: one epoch of its shards through the training loop's sampler; reports its peak RSS."""
+    """A Ray Train worker: one epoch of its shards through the training loop's sampler, as a Ray worker streams
+    (Ray Data, ``iter_torch_batches``); reports its peak RSS."""
     from aios_ray.data.shards import ShardSampler, read_manifest
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sampler = ShardSampler(read_manifest(Path(config["data"])), config["batch_size"], seed=0)
+    before, at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_parts()
+    sampler = ShardSampler(read_manifest(Path(config["data"])), config["batch_size"], seed=0, reader="ray")
     checksum, blocks = 0, 0
     started = time.perf_counter()
     while sampler.state.batch < sampler.batches_per_epoch:
@@ -66,10 +68,19 @@ def stream_worker(config: dict[str, Any]) -> None:
         checksum += int(ids[:, 0].sum())  # touch every batch
         blocks += len(ids)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler.close()
     # a file, not ray.train.report: Train V2 keeps a report's metrics only with a checkpoint attached
     Path(config["result"]).write_text(json.dumps({
         "peak_rss": peak, "rss_before_streaming": before, "blocks": blocks,
-        "seconds": time.perf_counter() - started, "checksum": checksum}))
+        "seconds": time.perf_counter() - started, "checksum": checksum, "at_start": at_start,
+        "at_end": rss_parts()}))
+
+
+def rss_parts() -> dict[str, int]:
+    """This process's resident memory now, by kind (bytes): its own (anon), mapped files, and shared memory (the
+    node's object store pages it has mapped)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssFile", "RssShmem") if key in fields}
 
 
 def stream_on_ray_train(data: str, batch_size: int, storage: Path) -> dict[str, Any]:
@@ -137,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stream: {streamed['blocks']:,} blocks in {streamed['seconds']:.1f} s; worker RSS before streaming "
           f"{streamed['rss_before_streaming'] / (1 << 20):.0f} MiB, peak {streamed['peak_rss'] / (1 << 20):.0f} MiB; "
           f"corpus token bytes {token_bytes / (1 << 20):.0f} MiB", flush=True)
+    for when in ("at_start", "at_end"):
+        parts = ", ".join(f"{kind} {size / (1 << 20):.0f} MiB" for kind, size in streamed[when].items())
+        print(f"worker memory {when.replace('_', ' ')}: {parts}", flush=True)
     print(f"prepare_vs_inprocess={on_ray / baseline:.3f}")
     print(f"worker_peak_rss_share={streamed['peak_rss'] / token_bytes:.3f}")
     ray.shutdown()

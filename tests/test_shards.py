@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aios_ray.cli import main
+from aios_ray.data import shards, stream
 from aios_ray.data.dataset import SamplerState
 from aios_ray.data.prepare_shards import PrepareSpec, prepare_dataset
 from aios_ray.data.shards import ShardSampler, open_prepared, read_blocks
@@ -95,6 +96,44 @@ def test_the_streamed_order_resumes_exactly_and_the_ranks_share_no_block(prepare
     assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch
     rows = [{tuple(x.tolist()) for _ in range(5) for x in sampler.next_batch()[0]} for sampler in ranks]
     assert not rows[0] & rows[1]
+
+
+def test_a_stream_planned_again_and_again_gives_the_batches_of_one_planned_once(prepared: Path, monkeypatch):
+    manifest = open_prepared(str(prepared))
+    once = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2)
+    per_rank = once.batches_per_epoch // 2  # batches_per_epoch counts every rank's
+    expected = [once.next_batch()[0] for _ in range(3 * per_rank + 2)]
+    planned = []
+
+    def one_epoch_at_a_time(*args, **kwargs):  # the stream ends after every epoch and is planned on from there
+        planned.append(args[-2:])
+        return stream.stream_items(*args, least=1)
+
+    monkeypatch.setattr(shards, "stream_items", one_epoch_at_a_time)
+    again = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2)
+    for index, batch in enumerate(expected):
+        assert (again.next_batch()[0] == batch).all(), index
+    assert [epoch for epoch, _ in planned] == [0, 1, 2, 3] and all(batch == 0 for _, batch in planned)
+
+
+@pytest.mark.ray
+def test_ray_data_streams_the_batches_of_the_in_process_reader_and_resumes_at_the_same_block(
+        prepared: Path, ray_local):
+    """A Ray worker's reader (a Ray Data stream read with iter_torch_batches) against the in-process one: rank 1 of
+    2 across an epoch boundary, then both restored mid-shard in the next epoch."""
+    manifest = open_prepared(str(prepared))
+    local = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2, reader="local")
+    on_ray = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2, reader="ray")
+    for index in range(local.batches_per_epoch // 2 + 3):  # one rank's epoch and 3 batches
+        ids, labels = on_ray.next_batch()
+        expected_ids, expected_labels = local.next_batch()
+        assert (ids == expected_ids).all() and (labels == expected_labels).all(), index
+    assert on_ray.state == local.state and on_ray.state.epoch == 1
+    for sampler in (local, on_ray):
+        sampler.restore(SamplerState(1, 3))  # rank 1 resumes at its second batch of epoch 1
+    for index in range(6):
+        assert (on_ray.next_batch()[0] == local.next_batch()[0]).all(), index
+    on_ray.close()
 
 
 def _position(batches: int, per_epoch: int) -> tuple[int, int]:

@@ -8,17 +8,17 @@ another preparation is refused by name.
 
 ``ShardSampler`` has BlockSampler's interface (``next_batch``, ``state``, ``restore``, ``new_round``) and the
 same position (epoch, global batch), so the training loop and its checkpoints do not know which one they have.
-Its order is a function of (seed, epoch) alone: each epoch the shards are permuted and dealt round robin to the
-ranks, and each shard's blocks are permuted within it. A resume therefore skips ``batch * batch_size`` blocks by
-arithmetic over the manifest's block counts (O(shards), nothing read), loads one shard and goes on. Memory is
-the current shard plus the one being prefetched, whatever the corpus size.
+Its order (``aios_ray.data.stream``) is a function of (seed, epoch) alone: each epoch the shards are permuted and
+dealt round robin to the ranks, and each shard's blocks are permuted within it. A resume therefore skips
+``batch * batch_size`` blocks by arithmetic over the manifest's block counts (O(shards), nothing read) and goes on.
+In a Ray worker the blocks come through a Ray Data stream (``iter_torch_batches``): memory is its prefetch window,
+whatever the corpus size; without Ray, the current shard and the one being prefetched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from aios_ray.data.dataset import SamplerState
+from aios_ray.data.stream import ShardSet, batches_per_rank, local_batches_of, ray_batches, stream_items
 from aios_ray.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -174,80 +175,61 @@ def block_batches(blocks: np.ndarray, batch_size: int) -> list[tuple[torch.Tenso
     return [(chunk[:, :-1], chunk[:, 1:]) for chunk in torch.split(rows, batch_size)]
 
 
-def local_batches(counts: np.ndarray, seed: int, epoch: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank in an epoch: the fewest any rank's shards give (every rank steps together)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts))
-    return min(int(counts[order[r::world_size]].sum()) for r in range(world_size)) // batch_size
-
-
 # ---- streaming ----------------------------------------------------------------------------------------------
 
 
 class ShardSampler:
-    """The training blocks of a prepared directory, streamed shard by shard (see the module docstring)."""
+    """The training blocks of a prepared directory, streamed shard by shard (see the module docstring): on Ray
+    Data (``reader="ray"``, in a Ray worker) or read in process (``reader="local"``), the same batches either way."""
 
     def __init__(self, manifest: Manifest, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 state: SamplerState | None = None) -> None:
-        self.root, self.block_len = manifest.root, manifest.block_len
-        self.shards = manifest.shards("train")
-        self.counts = np.array([int(s["blocks"]) for s in self.shards], dtype=np.int64)
+                 state: SamplerState | None = None, reader: str = "local") -> None:
+        train = manifest.shards("train")
+        self.shards = ShardSet(str(manifest.root), tuple(s["file"] for s in train),
+                               tuple(int(s["blocks"]) for s in train), manifest.block_len, seed)
+        self.counts = np.array(self.shards.counts, dtype=np.int64)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self.reader = reader
         self.restore(state or SamplerState())
         if self.batches_per_epoch == 0:
-            raise DataError(f"training data too small: {manifest.blocks('train')} blocks in {len(self.shards)} "
+            raise DataError(f"training data too small: {manifest.blocks('train')} blocks in {len(train)} "
                             f"shard(s) give a worker fewer than --batch-size {batch_size} blocks (with "
                             f"{world_size} worker(s))")
 
-    # The order of an epoch: a function of (seed, epoch) only, the same on every rank.
-    def _my_shards(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return order[self.rank::self.world_size]
+    def _per_epoch(self, epoch: int) -> int:
+        return batches_per_rank(self.counts, self.seed, epoch, self.world_size, self.batch_size) * self.world_size
 
-    def _local_batches(self, epoch: int) -> int:
-        return local_batches(self.counts, self.seed, epoch, self.world_size, self.batch_size)
-
-    def _start_epoch(self, epoch: int, skip_blocks: int) -> None:
-        self.batches_per_epoch = self._local_batches(epoch) * self.world_size
-        self._queue = list(self._my_shards(epoch))
-        self._epoch = epoch
-        # skip whole shards by their counts, then the rest inside the first shard read
-        while self._queue and skip_blocks >= self.counts[self._queue[0]]:
-            skip_blocks -= int(self.counts[self._queue.pop(0)])
-        self._buffer = np.zeros((0, self.block_len), dtype=np.int32)
-        self._next: Future | None = None
-        self._fill(self.batch_size + skip_blocks)
-        self._buffer = self._buffer[skip_blocks:]
-
-    def _load(self, epoch: int, shard: int) -> np.ndarray:
-        blocks = read_blocks(self.root / self.shards[shard]["file"], self.block_len)
-        if len(blocks) != self.counts[shard]:
-            raise DataError(f"{self.root / self.shards[shard]['file']}: {len(blocks)} blocks, the manifest says "
-                            f"{self.counts[shard]}")
-        return blocks[np.random.default_rng([self.seed, epoch, shard]).permutation(len(blocks))]
-
-    def _fill(self, need: int) -> None:
-        """Top the buffer up to ``need`` blocks from the next shards; keep the one after that prefetching."""
-        while len(self._buffer) < need and (self._queue or self._next is not None):
-            if self._next is None:
-                self._next = self._pool.submit(self._load, self._epoch, self._queue.pop(0))
-            loaded = self._next.result()
-            self._next = self._pool.submit(self._load, self._epoch, self._queue.pop(0)) if self._queue else None
-            self._buffer = np.concatenate([self._buffer, loaded])
+    def _open_stream(self) -> None:
+        """A stream from the current position: the items that continue it, through the chosen reader."""
+        items = stream_items(self.counts, self.seed, self.rank, self.world_size, self.batch_size,
+                             self.state.epoch, self.state.batch)
+        read = ray_batches if self.reader == "ray" else local_batches_of
+        self._stream = read(self.shards, items, self.batch_size)
 
     def next_batch(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.state.batch >= self.batches_per_epoch:
-            self.restore(SamplerState(self.state.epoch + 1, 0))
-        self._fill(self.batch_size)
-        rows, self._buffer = self._buffer[:self.batch_size], self._buffer[self.batch_size:]
+            self.state = SamplerState(self.state.epoch + 1, 0)
+            self.batches_per_epoch = self._per_epoch(self.state.epoch)
+        batch = next(self._stream, None)
+        if batch is None:  # the planned items are used up: plan on from here
+            self._open_stream()
+            batch = next(self._stream)
         self.state.batch += self.world_size
-        batch = torch.from_numpy(rows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
 
     def restore(self, state: SamplerState) -> None:
+        self.close()
         self.state = SamplerState(state.epoch, state.batch)
-        self._start_epoch(state.epoch, state.batch // self.world_size * self.batch_size)
+        self.batches_per_epoch = self._per_epoch(state.epoch)
+        self._open_stream()
 
     def new_round(self) -> None:
         """--iterate: start the next round on a fresh shuffle."""
         self.restore(SamplerState(self.state.epoch + 1, 0))
+
+    def close(self) -> None:
+        """End the current stream (its reads ahead, and on Ray its Ray Data execution)."""
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.close()
+            self._stream = None

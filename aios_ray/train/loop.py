@@ -99,7 +99,7 @@ class Trainer:
             else ctx.wrap_model(self.model)
         self.sampler = self.independent.sampler if self.independent else training_sampler(
             data, self.cfg.model.max_seq_len, tc.batch_size, tc.seed, ctx.rank, ctx.world_size,
-            self.state.sampler)
+            self.state.sampler, on_ray=self.cfg.cluster.use_ray)
         self.eval_data = (eval_batches(data.eval_tokens, self.cfg.model.max_seq_len, tc.batch_size,
                                        tc.eval_batches) if data.eval_tokens is not None and tc.eval_batches
                           else [])
@@ -391,6 +391,9 @@ class Trainer:
             say(f"--iterate: round {self.state.round} begins on a fresh shuffle")
 
     def _finish(self, stopped: bool, metrics: dict[str, float]) -> dict[str, Any]:
+        close_stream = getattr(self.sampler, "close", None)
+        if close_stream is not None:  # a streamed run's reads ahead (on Ray, its Ray Data execution) end here
+            close_stream()
         if stopped and self.is_chief:
             Path(self.plan.stop_file).unlink(missing_ok=True)  # consumed: the next run is not stopped by it
             say(f"stop file {self.plan.stop_file} found: checkpointed at step {self.state.step} and stopped")

@@ -119,7 +119,7 @@ class RayTrainContext:
 def _worker_loop(config: dict[str, Any]) -> None:
     plan: RunPlan = config["plan"]
     if not plan.config.cluster.verbose:
-        _quiet_report_lines()
+        _quiet_worker_logs()
     data: TrainData = ray.get(config["data"])
     train_worker(plan, data, RayTrainContext(plan.config.train.brain_name))
 
@@ -129,12 +129,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
 _REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 
-def _quiet_report_lines() -> None:
+def _quiet_worker_logs() -> None:
     import importlib
 
     logger = getattr(importlib.import_module(_REPORT_LOGGER_MODULE), "logger", None)
     if isinstance(logger, logging.Logger):
         logger.setLevel(logging.WARNING)
+    # A streamed run (--data) reads through Ray Data: its per-execution INFO lines, and its warning that the
+    # progress bars it would draw in a worker's log are off, only with --verbose.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ray_train_logging(cfg: Config) -> LoggingConfig:

@@ -16,7 +16,8 @@ import numpy as np
 from aios_ray.config import Config, ConfigError
 from aios_ray.data.dataset import BlockSampler, SamplerState, tokenize_documents
 from aios_ray.data.prepare_shards import PrepareSpec, prepare_dataset
-from aios_ray.data.shards import Manifest, ShardSampler, eval_blocks, local_batches, open_prepared, read_manifest
+from aios_ray.data.shards import Manifest, ShardSampler, eval_blocks, open_prepared, read_manifest
+from aios_ray.data.stream import batches_per_rank
 from aios_ray.data.text import SAMPLE_TRAIN, read_documents
 from aios_ray.data.tokenizer import eos_id, load_tokenizer
 from aios_ray.errors import DataError
@@ -37,10 +38,12 @@ def first_micro_batch(cfg: Config) -> int:
 
 
 def training_sampler(data: TrainData, seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
-                     state: SamplerState | None) -> BlockSampler | ShardSampler:
-    """The loop's sampler: shards streamed from a prepared directory, or blocks of the tokens in memory."""
+                     state: SamplerState | None, on_ray: bool = False) -> BlockSampler | ShardSampler:
+    """The loop's sampler: shards streamed from a prepared directory (through Ray Data in a Ray worker), or
+    blocks of the tokens in memory."""
     if data.shards:
-        return ShardSampler(read_manifest(Path(data.shards)), batch_size, seed, rank, world_size, state)
+        return ShardSampler(read_manifest(Path(data.shards)), batch_size, seed, rank, world_size, state,
+                            reader="ray" if on_ray else "local")
     return BlockSampler(data.train_tokens, seq_len, batch_size, seed, rank, world_size, state)
 
 
@@ -95,7 +98,7 @@ def _check_manifest(cfg: Config, manifest: Manifest, tokenizer_source: str | Non
                             f"(sha256 {manifest.tokenizer_sha256[:12]} vs {mine[:12]})")
     counts = np.array([int(s["blocks"]) for s in manifest.shards("train")], dtype=np.int64)
     workers = cfg.cluster.num_workers
-    if len(counts) < workers or local_batches(counts, tc.seed, 0, workers, tc.batch_size) == 0:
+    if len(counts) < workers or batches_per_rank(counts, tc.seed, 0, workers, tc.batch_size) == 0:
         raise DataError(f"training data too small: {int(counts.sum())} blocks in {len(counts)} shard(s) give a "
                         f"worker fewer than --batch-size {tc.batch_size} blocks with {workers} worker(s) (a worker "
                         f"streams whole shards: prepare with a smaller --dataset-chunk-size)")
