@@ -40,11 +40,31 @@ def user_error_behind(exc: BaseException) -> UserError | None:
         seen.add(id(error))
         if isinstance(error, UserError):
             cause = getattr(error, "cause", None)  # Ray's task error wraps the raiser's own exception
-            if isinstance(cause, UserError):
-                return cause
-            lines = str(error).strip().splitlines()
-            return error if len(lines) <= 1 else UserError(lines[-1])
+            return _one_line(cause if isinstance(cause, UserError) else error)
         pending.extend(getattr(error, "worker_failures", {}).values())
         pending.extend(e for e in (error.__cause__, error.__context__, getattr(error, "cause", None))
                        if isinstance(e, BaseException))
     return None
+
+
+# Ray Data appends its retry advice to the exception a failed read or map raised ("Failed to apply UDF transform
+# after 1/1 attempts ..." and how to configure retries): not the user's line.
+_RAY_DATA_ADVICE = "Failed to apply "
+
+
+def _one_line(error: UserError) -> UserError:
+    if len(str(error).strip().splitlines()) <= 1:
+        return error
+    line = _own_lines(str(error))[-1]
+    try:  # the same kind of error, with its one line
+        return type(error)(line)
+    except TypeError:  # Ray's dual-class wrapper (RayTaskError(DataError)) takes other arguments
+        return UserError(line)
+
+
+def _own_lines(message: str) -> list[str]:
+    """A wrapped user error's message without what Ray added: the traceback before it stays (its line is the
+    last), the advice Ray Data appends after it goes."""
+    lines = message.strip().splitlines()
+    advice = next((i for i, line in enumerate(lines) if line.startswith(_RAY_DATA_ADVICE)), len(lines))
+    return lines[:advice] or lines

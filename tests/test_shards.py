@@ -21,6 +21,7 @@ from aios_ray.data.dataset import SamplerState
 from aios_ray.data.prepare_shards import PrepareSpec, prepare_dataset
 from aios_ray.data.shards import ShardSampler, open_prepared, read_blocks
 from aios_ray.data.text import SAMPLE_TRAIN
+from aios_ray.errors import user_error_behind
 from aios_ray.train.run import run_training
 from aios_ray.train.stream_data import first_micro_batch
 from tests.helpers import debug_config, train_losses
@@ -134,6 +135,25 @@ def test_ray_data_streams_the_batches_of_the_in_process_reader_and_resumes_at_th
     for index in range(6):
         assert (on_ray.next_batch()[0] == local.next_batch()[0]).all(), index
     on_ray.close()
+
+
+@pytest.mark.ray
+def test_a_shard_damaged_while_a_ray_worker_streams_it_is_named_in_one_line(prepared: Path, tmp_path: Path,
+                                                                            ray_local):
+    """Checked at the start, a shard can still be cut short later (a disk filling up, a copy still running): the
+    Ray Data read that meets it fails, and the error a user sees names the file."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    sampler = ShardSampler(open_prepared(str(data)), batch_size=4, seed=3, reader="ray")
+    for shard in data.glob("train-*.parquet"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(Exception) as raised:
+        for _ in range(sampler.batches_per_epoch):
+            sampler.next_batch()
+    error = user_error_behind(raised.value)
+    assert error is not None and "not a readable Parquet file" in str(error) and str(data) in str(error)
+    assert len(str(error).splitlines()) == 1
+    sampler.close()
 
 
 def _position(batches: int, per_epoch: int) -> tuple[int, int]:
