@@ -7,9 +7,10 @@ shard reads that continue from it, ``StreamItem(epoch, shard, skip, take)``, by 
 counts: a resumed run reads nothing it skips.
 
 **The readers** turn those items into batches of blocks, the same batches either way:
-- on Ray (``ray_batches``): a Ray Data stream (``read_datasource`` over ``ShardBlocks``, one read task per item,
-  order preserved, on the worker's own node) consumed with ``iter_torch_batches``. Memory is Ray Data's window:
-  ``prefetch_batches`` batches and at most ``window_bytes`` of blocks in flight, whatever the corpus size;
+- on Ray (``ray_batches``): a Ray Data stream (``read_datasource`` over ``ShardBlocks``, a read task per few
+  MiB of items, order preserved, on the worker's own node) consumed with ``iter_torch_batches``. Memory is Ray
+  Data's window: ``prefetch_batches`` fetches and at most ``window_bytes`` of blocks in flight, whatever the
+  corpus size;
 - without Ray (``local_batches_of``): the same items read in process, the next one prefetched on a thread.
 """
 
@@ -29,7 +30,7 @@ from aios_ray.errors import DataError
 COLUMN = "tokens"
 LEAST_ITEMS = 512  # a stream plans at least this many shard reads (whole epochs) before it is planned again
 WINDOW_BYTES = 32 << 20  # Ray Data's object-store budget for one worker's stream: blocks read ahead of training
-PREFETCH_BATCHES = 2
+PREFETCH_BATCHES = 2  # fetches of FETCH_BYTES that iter_torch_batches readies ahead of the one in use
 FETCH_BYTES = 1 << 20  # what Ray Data hands the worker at a time (int64: twice the int32 on disk)
 TASK_BYTES = 4 << 20  # a read task reads shards until it has about this many bytes of blocks
 PIECE_BYTES = 64 << 10  # a block Ray Data moves: under Ray's 100 KiB limit for objects sent inline
