@@ -85,7 +85,7 @@ def test_a_tiered_training_run_exports_its_gauges_tagged_with_the_run(ray_local,
 
 
 def test_ray_train_logging_is_warning_unless_verbose(tmp_path: Path):
-    from aios_ray.train.ray_train import _REPORT_LOGGER_MODULE, _quiet_report_lines, ray_train_logging
+    from aios_ray.train.ray_train import _REPORT_LOGGER_MODULE, _quiet_worker_logs, ray_train_logging
 
     cfg = debug_config(tmp_path)
     assert cfg.cluster.verbose is False
@@ -95,13 +95,19 @@ def test_ray_train_logging_is_warning_unless_verbose(tmp_path: Path):
 
     import importlib
 
-    report_logger = importlib.import_module(_REPORT_LOGGER_MODULE).logger
-    before = report_logger.level
+    loggers = [importlib.import_module(_REPORT_LOGGER_MODULE).logger, logging.getLogger("ray.data"),
+               logging.getLogger("ray.data._internal.progress")]
+    before = [logger.level for logger in loggers]
     try:
-        _quiet_report_lines()
-        assert not report_logger.isEnabledFor(logging.INFO) and report_logger.isEnabledFor(logging.WARNING)
+        _quiet_worker_logs()
+        report, data, progress = loggers
+        # a worker's report lines and a streamed run's Ray Data lines: warnings only (progress-bar notices: none)
+        assert not report.isEnabledFor(logging.INFO) and report.isEnabledFor(logging.WARNING)
+        assert not data.isEnabledFor(logging.INFO) and data.isEnabledFor(logging.WARNING)
+        assert not progress.isEnabledFor(logging.WARNING) and progress.isEnabledFor(logging.ERROR)
     finally:
-        report_logger.setLevel(before)
+        for logger, level in zip(loggers, before, strict=True):
+            logger.setLevel(level)
 
 
 def _train_console(tmp_path: Path, *flags: str) -> str:
