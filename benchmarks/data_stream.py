@@ -8,13 +8,15 @@ memory while it streams the prepared corpus.
 3. Ray Data: ``prepare_dataset`` on a local Ray with the same cores, the whole corpus, from reading the sources
    to the written manifest (hashing, tokenizing, Parquet writes all counted).
    ``prepare_vs_inprocess`` = Ray Data's MiB/s over the in-process MiB/s (bar: >= 0.9).
-4. One Ray Train worker (``TorchTrainer``, 1 CPU) streams one epoch of every training block through the
+4. One Ray Train worker (``TorchTrainer``, 1 CPU) streams ``--epochs`` epochs of every training block through the
    ``ShardSampler`` the training loop uses (on Ray: a Ray Data stream read with ``iter_torch_batches``); its
    peak RSS (``ru_maxrss``, the whole process: Python, torch, Ray, and any object-store pages it maps) over the
    corpus' token bytes (tokens x 4, int32 as the in-memory path holds them) is ``worker_peak_rss_share``
-   (bar: < 0.25). The worker's resident memory by kind (own, files, shared) at start and end is printed too.
+   (bar: < 0.25). Its peak after each epoch shows whether it still grows with the blocks streamed; its
+   resident memory by kind (own, files, shared) at start and end is printed too.
 
-    python benchmarks/data_stream.py --corpus /tmp/aios_corpus --gib 1.6
+    python benchmarks/make_text_corpus.py --out /tmp/aios_corpus --gib 3.0
+    python benchmarks/data_stream.py --corpus /tmp/aios_corpus --work /tmp/aios_data_stream
 """
 
 from __future__ import annotations
@@ -55,23 +57,27 @@ def inprocess_rate(pieces: list, tokenizer_json: str, fraction: float) -> tuple[
 
 
 def stream_worker(config: dict[str, Any]) -> None:
-    """A Ray Train worker: one epoch of its shards through the training loop's sampler, as a Ray worker streams
-    (Ray Data, ``iter_torch_batches``); reports its peak RSS."""
+    """A Ray Train worker: ``epochs`` epochs of its shards through the training loop's sampler, as a Ray worker
+    streams (Ray Data, ``iter_torch_batches``); reports its peak RSS after each epoch. A peak that stops rising
+    after the first epoch is memory bounded by the stream, not by the blocks it has seen."""
     from aios_ray.data.shards import ShardSampler, read_manifest
 
     before, at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_parts()
     sampler = ShardSampler(read_manifest(Path(config["data"])), config["batch_size"], seed=0, reader="ray")
-    checksum, blocks = 0, 0
+    checksum, blocks, peaks = 0, 0, []
     started = time.perf_counter()
-    while sampler.state.batch < sampler.batches_per_epoch:
-        ids, labels = sampler.next_batch()
-        checksum += int(ids[:, 0].sum())  # touch every batch
-        blocks += len(ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(config["epochs"]):
+        epoch_done = False
+        while not epoch_done:
+            ids, labels = sampler.next_batch()  # the first of an epoch moves the sampler on to it
+            checksum += int(ids[:, 0].sum())  # touch every batch
+            blocks += len(ids)
+            epoch_done = sampler.state.batch >= sampler.batches_per_epoch
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     sampler.close()
     # a file, not ray.train.report: Train V2 keeps a report's metrics only with a checkpoint attached
     Path(config["result"]).write_text(json.dumps({
-        "peak_rss": peak, "rss_before_streaming": before, "blocks": blocks,
+        "peak_rss": peaks[-1], "peaks_by_epoch": peaks, "rss_before_streaming": before, "blocks": blocks,
         "seconds": time.perf_counter() - started, "checksum": checksum, "at_start": at_start,
         "at_end": rss_parts()}))
 
@@ -83,13 +89,13 @@ def rss_parts() -> dict[str, int]:
     return {key: int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssFile", "RssShmem") if key in fields}
 
 
-def stream_on_ray_train(data: str, batch_size: int, storage: Path) -> dict[str, Any]:
+def stream_on_ray_train(data: str, batch_size: int, epochs: int, storage: Path) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage.mkdir(parents=True, exist_ok=True)
     result = storage / "stream.json"
-    trainer = TorchTrainer(stream_worker, train_loop_config={"data": data, "batch_size": batch_size,
+    trainer = TorchTrainer(stream_worker, train_loop_config={"data": data, "batch_size": batch_size, "epochs": epochs,
                                                              "result": str(result)},
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name="data-stream", storage_path=str(storage)))
@@ -100,7 +106,7 @@ def stream_on_ray_train(data: str, batch_size: int, storage: Path) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="/tmp/aios_corpus", help="made with make_text_corpus.py when absent")
-    parser.add_argument("--gib", type=float, default=1.6, help="size of a corpus made here")
+    parser.add_argument("--gib", type=float, default=3.0, help="size of a corpus made here")
     parser.add_argument("--work", default="/tmp/aios_data_stream", help="tokenizer, prepared shards, Ray results")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-fraction", type=float, default=0.25,
                         help="share of the pieces (every k-th) the in-process baseline tokenizes")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs the worker streams (peak RSS after each)")
     args = parser.parse_args(argv)
 
     import ray
@@ -143,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ray data prepare: {prepare_seconds:.1f} s, {on_ray:.2f} MiB/s; {summary['tokens']:,} tokens, "
           f"{summary['train_blocks']:,} train blocks in {summary['shards']:,} shards", flush=True)
 
-    streamed = stream_on_ray_train(summary["out"], args.batch_size, work / "ray_results")
+    streamed = stream_on_ray_train(summary["out"], args.batch_size, args.epochs, work / "ray_results")
     token_bytes = summary["tokens"] * 4
     print(f"stream: {streamed['blocks']:,} blocks in {streamed['seconds']:.1f} s; worker RSS before streaming "
           f"{streamed['rss_before_streaming'] / (1 << 20):.0f} MiB, peak {streamed['peak_rss'] / (1 << 20):.0f} MiB; "
           f"corpus token bytes {token_bytes / (1 << 20):.0f} MiB", flush=True)
+    print("worker peak RSS after each epoch: "
+          + ", ".join(f"{peak / (1 << 20):.0f} MiB" for peak in streamed["peaks_by_epoch"]), flush=True)
     for when in ("at_start", "at_end"):
         parts = ", ".join(f"{kind} {size / (1 << 20):.0f} MiB" for kind, size in streamed[when].items())
         print(f"worker memory {when.replace('_', ' ')}: {parts}", flush=True)

@@ -118,10 +118,16 @@ def test_a_stream_planned_again_and_again_gives_the_batches_of_one_planned_once(
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("blocks_per_segment", [None, 13])
 def test_ray_data_streams_the_batches_of_the_in_process_reader_and_resumes_at_the_same_block(
-        prepared: Path, ray_local):
+        prepared: Path, ray_local, monkeypatch, blocks_per_segment: int | None):
     """A Ray worker's reader (a Ray Data stream read with iter_torch_batches) against the in-process one: rank 1 of
-    2 across an epoch boundary, then both restored mid-shard in the next epoch."""
+    2 across an epoch boundary, then both restored mid-shard in the next epoch. With 13 blocks a segment (read
+    tasks of 5) the stream is many Ray Data executions, and a batch of 4 is often cut by a segment's end."""
+    if blocks_per_segment:
+        block_bytes = (SEQ + 1) * 4
+        monkeypatch.setattr(stream, "TASK_BYTES", 5 * block_bytes)
+        monkeypatch.setattr(stream, "SEGMENT_BYTES", blocks_per_segment * block_bytes)
     manifest = open_prepared(str(prepared))
     local = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2, reader="local")
     on_ray = ShardSampler(manifest, batch_size=4, seed=3, rank=1, world_size=2, reader="ray")

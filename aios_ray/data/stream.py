@@ -9,8 +9,8 @@ counts: a resumed run reads nothing it skips.
 **The readers** turn those items into batches of blocks, the same batches either way:
 - on Ray (``ray_batches``): a Ray Data stream (``read_datasource`` over ``ShardBlocks``, a read task per few
   MiB of items, order preserved, on the worker's own node) consumed with ``iter_torch_batches``. Memory is Ray
-  Data's window: ``prefetch_batches`` fetches and at most ``window_bytes`` of blocks in flight, whatever the
-  corpus size;
+  Data's window: ``prefetch_batches`` fetches and at most ``window_bytes`` of blocks in flight, and one
+  execution's statistics on at most ``SEGMENT_BYTES`` of blocks, whatever the corpus size;
 - without Ray (``local_batches_of``): the same items read in process, the next one prefetched on a thread.
 """
 
@@ -34,6 +34,7 @@ PREFETCH_BATCHES = 2  # fetches of FETCH_BYTES that iter_torch_batches readies a
 FETCH_BYTES = 1 << 20  # what Ray Data hands the worker at a time (int64: twice the int32 on disk)
 TASK_BYTES = 4 << 20  # a read task reads shards until it has about this many bytes of blocks
 PIECE_BYTES = 64 << 10  # a block Ray Data moves: under Ray's 100 KiB limit for objects sent inline
+SEGMENT_BYTES = 256 << 20  # blocks one Ray Data execution streams before the next one takes over
 
 
 @dataclass(frozen=True)
@@ -191,11 +192,34 @@ def _shard_blocks_datasource(shards: ShardSet, items: list[StreamItem], least_bl
 def ray_batches(shards: ShardSet, items: list[StreamItem], batch_size: int, window_bytes: int = WINDOW_BYTES,
                 prefetch_batches: int = PREFETCH_BATCHES) -> Iterator[torch.Tensor]:
     """The items' blocks in batches of ``batch_size`` (int64), streamed by Ray Data: the shards are read by tasks
-    on this node, in order, at most ``window_bytes`` of blocks in flight."""
+    on this node, in order, at most ``window_bytes`` of blocks in flight, one segment of about SEGMENT_BYTES of
+    blocks after another."""
+    least_blocks = max(1, TASK_BYTES // (shards.block_len * 4))
+    segment_blocks = max(least_blocks, SEGMENT_BYTES // (shards.block_len * 4))
+    # Ray Data hands over batches of about FETCH_BYTES, cut here into training batches: its cost per batch it hands
+    # over (~1 ms) would otherwise be paid for every small batch.
+    fetch = max(1, FETCH_BYTES // (batch_size * shards.block_len * 8)) * batch_size
+    # A segment's last training batch may continue into the next segment: its first rows wait here.
+    carried = torch.zeros((0, shards.block_len), dtype=torch.int64)
+    for segment in read_groups(items, segment_blocks):
+        for fetched in _segment_fetches(shards, segment, least_blocks, fetch, window_bytes, prefetch_batches):
+            rows = torch.cat([carried, fetched]) if len(carried) else fetched
+            whole = len(rows) - len(rows) % batch_size
+            yield from torch.split(rows[:whole], batch_size)
+            carried = rows[whole:]
+    # every epoch's items are a whole number of training batches
+    assert not len(carried), f"{len(carried)} blocks left over from a stream of whole batches"
+
+
+def _segment_fetches(shards: ShardSet, items: list[StreamItem], least_blocks: int, fetch: int, window_bytes: int,
+                     prefetch_batches: int) -> Iterator[torch.Tensor]:
+    """One Ray Data execution over the items: their blocks in fetches of ``fetch`` rows (the last may be short).
+    Ray Data keeps its metadata and statistics on every block an execution produces until the execution ends
+    (measured: ~0.85 KiB of Python objects a block, ~28 MiB over the 33,000 blocks of a 2 GiB corpus's epoch,
+    ten times that at 20 GiB): executions of at most SEGMENT_BYTES keep that bounded as well."""
     import ray.data
     from ray.data import ExecutionResources
 
-    least_blocks = max(1, TASK_BYTES // (shards.block_len * 4))
     # The read tasks take no CPU: a training worker holds its CPU for the whole run, and on a machine whose CPUs
     # the workers hold all of, reads that waited for one would never start. Two at a time keep the window full.
     tasks = len(read_groups(items, least_blocks))
@@ -210,10 +234,6 @@ def ray_batches(shards: ShardSet, items: list[StreamItem], batch_size: int, wind
     context.target_max_block_size = PIECE_BYTES
     context.enable_progress_bars = False  # the run's own progress line says how training goes
     context.print_on_execution_start = False
-    # Ray Data hands over batches of about FETCH_BYTES, cut here into training batches: its cost per batch it hands
-    # over (~1 ms) would otherwise be paid for every small batch. Every epoch's blocks are a whole number of
-    # training batches, so the cuts fall where one stream of training batches would.
-    fetch = max(1, FETCH_BYTES // (batch_size * shards.block_len * 8)) * batch_size
     for fetched in dataset.iter_torch_batches(batch_size=fetch, dtypes=torch.int64, device="cpu",
                                               prefetch_batches=prefetch_batches):
-        yield from torch.split(fetched[COLUMN], batch_size)
+        yield fetched[COLUMN]
