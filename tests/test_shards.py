@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -269,6 +272,25 @@ def test_ray_data_prepares_the_same_shards_as_the_in_process_path(prepared: Path
     summary = _prepare(prepared.parent / "corpus", tmp_path / "on_ray", use_ray=True)
     assert not summary["skipped"]
     assert _tree(Path(summary["out"])) == _tree(prepared)  # same key, same blocks, byte for byte
+
+
+@pytest.mark.ray
+def test_data_prepare_on_ray_prints_its_own_progress_and_ray_datas_lines_only_with_verbose(prepared: Path,
+                                                                                            tmp_path: Path):
+    """In a log (no terminal) Ray Data would log a block of progress lines every few seconds of a long prepare."""
+    def console(out: Path, *flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "aios_ray", "data", "prepare", "--dataset-file",
+                               str(prepared.parent / "corpus"), "--out", str(out), "--tokenizer", str(prepared),
+                               "--max-seq-len", str(SEQ), "--dataset-chunk-size", str(CHUNK), "--piece-mb", "0.004",
+                               *flags], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    quiet = console(tmp_path / "quiet")
+    assert "prepare: " in quiet and "pieces |" in quiet and "prepared:" in quiet
+    assert "Running Dataset" not in quiet and "execution finished" not in quiet
+    assert "execution finished" in console(tmp_path / "verbose", "--verbose")
 
 
 @pytest.mark.ray

@@ -33,6 +33,7 @@ def add_commands(commands: argparse._SubParsersAction, parser_class: type[argpar
     prepare.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     prepare.add_argument("--ray", dest="use_ray", action=argparse.BooleanOptionalAction, default=True,
                          help="tokenize on Ray Data (--no-ray: the same steps in this process)")
+    prepare.add_argument("--verbose", action="store_true", help="also Ray Data's own log lines (executions, progress)")
     prepare.set_defaults(func=_cmd_prepare)
 
 
@@ -43,7 +44,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         "dataset": args.dataset_file, "out": args.out, "max_seq_len": args.max_seq_len,
         "chunk_blocks": args.dataset_chunk_size, "tokenizer": args.tokenizer, "vocab_size": args.tokenizer_vocab_size,
         "tokenizer_sample_mb": args.tokenizer_sample_mb, "eval_fraction": args.eval_fraction,
-        "piece_mb": args.piece_mb, "use_ray": args.use_ray, "address": args.address, "concurrency": args.concurrency}
+        "piece_mb": args.piece_mb, "use_ray": args.use_ray, "address": args.address, "concurrency": args.concurrency,
+        "verbose": args.verbose}
     summary = prepare_dataset(PrepareSpec(**fields))
     state = "unchanged (same inputs)" if summary["skipped"] else f"written in {summary['seconds']:.1f} s"
     print(f"prepared:     {summary['out']} ({state})")

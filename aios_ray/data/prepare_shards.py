@@ -58,6 +58,7 @@ class PrepareSpec:
     address: str | None = None
     concurrency: int | None = None  # tokenizer actors; default: the cluster's CPUs
     cache_root: str | None = None  # instead of out: <cache_root>/<input key> (--use-chunked-training)
+    verbose: bool = False  # Ray Data's own log lines too (the command prints its own progress)
 
 
 @dataclass
@@ -309,9 +310,11 @@ def _run_on_ray_data(spec: PrepareSpec, pieces: list[Piece], tokenizer_json: str
                      progress: PrepareProgress) -> list[dict[str, Any]]:
     import ray
 
-    from aios_ray.train.ray_train import ensure_ray
+    from aios_ray.train.ray_train import ensure_ray, quiet_ray_data_logs
 
     ensure_ray(spec.address)
+    if not spec.verbose:
+        quiet_ray_data_logs()
     actors = spec.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [asdict(p) for p in pieces]
     # the actors read the tokenizer from the staging directory (every node sees it): a few MB of JSON as a

@@ -28,7 +28,8 @@ def shard_training_text(out: str, text_outputs: dict[str, Any], base: Config) ->
     step = Path(out)
     spec = PrepareSpec(dataset=str(step / text_outputs["train"]), out=str(step / SHARDS),
                        max_seq_len=base.model.max_seq_len, chunk_blocks=base.cluster.dataset_chunk_size,
-                       tokenizer=str(step / text_outputs["tokenizer"]), eval_fraction=0.0)  # eval: the text split
+                       tokenizer=str(step / text_outputs["tokenizer"]), eval_fraction=0.0,  # eval: the text split
+                       verbose=base.cluster.verbose)
     summary = prepare_dataset(spec)
     stats = {**text_outputs["stats"], "shards": summary["shards"], "train_blocks": summary["train_blocks"],
              "tokens": summary["tokens"]}

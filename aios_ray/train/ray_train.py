@@ -135,8 +135,14 @@ def _quiet_worker_logs() -> None:
     logger = getattr(importlib.import_module(_REPORT_LOGGER_MODULE), "logger", None)
     if isinstance(logger, logging.Logger):
         logger.setLevel(logging.WARNING)
-    # A streamed run (--data) reads through Ray Data: its per-execution INFO lines, and its warning that the
-    # progress bars it would draw in a worker's log are off, only with --verbose.
+    # A streamed run (--data) reads through Ray Data
+    quiet_ray_data_logs()
+
+
+def quiet_ray_data_logs() -> None:
+    """Ray Data's INFO lines (each execution's start and end, and its progress logged every few seconds where
+    the console is not a terminal) and its warning that progress bars are off: where a command prints its own
+    progress, they are shown only with --verbose."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 

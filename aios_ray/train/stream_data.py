@@ -78,7 +78,7 @@ def _prepare_cached(cfg: Config, tokenizer: str | None) -> str:
     spec = PrepareSpec(dataset=tc.dataset_file or str(SAMPLE_TRAIN), out="", cache_root=str(cache),
                        max_seq_len=cfg.model.max_seq_len, chunk_blocks=cfg.cluster.dataset_chunk_size,
                        tokenizer=tokenizer, vocab_size=tc.tokenizer_vocab_size, use_ray=cfg.cluster.use_ray,
-                       address=cfg.cluster.address)
+                       address=cfg.cluster.address, verbose=cfg.cluster.verbose)
     summary = prepare_dataset(spec)
     say(f"--use-chunked-training: streaming from {summary['out']} ({summary['train_blocks']:,} blocks)")
     return summary["out"]
