@@ -153,8 +153,9 @@ def read_groups(items: list[StreamItem], least_blocks: int) -> list[list[StreamI
     return [group for group in groups if group]
 
 
-def _shard_blocks_datasource(shards: ShardSet, items: list[StreamItem], least_blocks: int) -> Any:
-    """A Ray Data datasource over the items, in their order: a read task per group of items, a block per item.
+def _shard_blocks_datasource(shards: ShardSet, groups: list[list[StreamItem]]) -> Any:
+    """A Ray Data datasource over the groups of items, in their order: a read task per group, its blocks cut into
+    pieces of PIECE_BYTES.
     Its reads are not distributed: they run on the node that streams, where the prepared directory is."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockAccessor, BlockMetadata
@@ -165,7 +166,7 @@ def _shard_blocks_datasource(shards: ShardSet, items: list[StreamItem], least_bl
             return False
 
         def estimate_inmemory_data_size(self) -> int:
-            return sum(item.take for item in items) * shards.block_len * 4
+            return sum(item.take for group in groups for item in group) * shards.block_len * 4
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
@@ -184,7 +185,7 @@ def _shard_blocks_datasource(shards: ShardSet, items: list[StreamItem], least_bl
                 return ReadTask(read, metadata)
 
             piece = max(1, PIECE_BYTES // (shards.block_len * 4))
-            return [task(group) for group in read_groups(items, least_blocks)]
+            return [task(group) for group in groups]
 
     return ShardBlocks()
 
@@ -223,9 +224,9 @@ def _segment_fetches(shards: ShardSet, items: list[StreamItem], least_blocks: in
 
     # The read tasks take no CPU: a training worker holds its CPU for the whole run, and on a machine whose CPUs
     # the workers hold all of, reads that waited for one would never start. Two at a time keep the window full.
-    tasks = len(read_groups(items, least_blocks))
-    dataset = ray.data.read_datasource(_shard_blocks_datasource(shards, items, least_blocks), num_cpus=0,
-                                       concurrency=min(2, tasks), override_num_blocks=tasks)
+    groups = read_groups(items, least_blocks)
+    dataset = ray.data.read_datasource(_shard_blocks_datasource(shards, groups), num_cpus=0,
+                                       concurrency=min(2, len(groups)), override_num_blocks=len(groups))
     context = dataset.context
     context.execution_options.preserve_order = True  # the order is the stream: a resume relies on it
     context.execution_options.resource_limits = ExecutionResources(object_store_memory=window_bytes)
